@@ -1,0 +1,1 @@
+"""Latency / memory / analytic-FLOPs measurement, always against a baseline measured in the same process."""

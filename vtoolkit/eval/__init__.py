@@ -1,0 +1,1 @@
+"""Evaluation: POPE / CHAIR / MME scorers, datasets, the batched runner, sweeps and reports."""
