@@ -1,0 +1,79 @@
+"""Per-call context: detects each new prefill and exposes that call's inputs and visual layout to the methods.
+
+One pre-hook on the top-level model sees every forward that ``generate`` (or the user) makes. A forward whose KV
+cache is empty (or absent) is a new prefill: the context records its inputs, drops the previous call's layout and
+tells every method (``on_prefill``) to reset its per-call state. Later forwards of the same call are decode steps.
+Nothing is carried from one call to the next.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+
+_CAPTURED = ("input_ids", "attention_mask", "position_ids", "image_sizes", "image_grid_thw", "video_grid_thw",
+             "mm_token_type_ids", "pixel_values")
+
+
+def cache_length(past) -> int:
+    if past is None:
+        return 0
+    if hasattr(past, "get_seq_length"):
+        return int(past.get_seq_length())
+    try:  # legacy tuple cache
+        return int(past[0][0].shape[-2])
+    except Exception:  # pragma: no cover
+        return 0
+
+
+class CallContext:
+    def __init__(self, adapter) -> None:
+        self.adapter = adapter
+        self.listeners: list = []
+        self.inputs: dict[str, Any] = {}
+        self.step = -1            # 0 at prefill, then 1, 2, ... per decode forward
+        self.num_calls = 0
+        self._spans = None
+        self._arg_names = list(inspect.signature(adapter.model.forward).parameters)
+
+    def install(self, hooks) -> None:
+        hooks.forward_pre(self.adapter.model, self._pre_forward, with_kwargs=True, prepend=True)
+
+    def _pre_forward(self, module, args, kwargs):
+        kw = dict(zip(self._arg_names, args))
+        kw.update(kwargs)
+        if cache_length(kw.get("past_key_values")) == 0:
+            self.inputs = {k: kw.get(k) for k in _CAPTURED}
+            self._spans = None
+            self.step = 0
+            self.num_calls += 1
+            for listener in self.listeners:
+                listener.on_prefill(self)
+        else:
+            self.step += 1
+        return None
+
+    @property
+    def is_prefill(self) -> bool:
+        return self.step == 0
+
+    @property
+    def batch_size(self) -> int:
+        ids = self.inputs.get("input_ids")
+        return 0 if ids is None else ids.shape[0]
+
+    @property
+    def spans(self):
+        """Per sample, per image :class:`~vtoolkit.models.ImageSpan` of this call (computed once, lazily)."""
+        if self._spans is None:
+            if self.inputs.get("input_ids") is None:
+                raise ValueError("vtoolkit needs input_ids at prefill to locate visual tokens; calls with only "
+                                 "inputs_embeds are not supported by this method")
+            self._spans = self.adapter.image_spans(self.inputs)
+        return self._spans
+
+    def visual_mask(self) -> torch.Tensor:
+        """``[B, L]`` bool: True at this call's visual token positions."""
+        ids = self.inputs["input_ids"]
+        return ids == self.adapter.image_token_id

@@ -1,0 +1,40 @@
+"""Base class of methods: a small object that installs hooks through a HookSet and keeps per-call state."""
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from vtoolkit.config import MethodConfig
+
+
+class Method:
+    """A method instance bound to one model (through its adapter).
+
+    Subclasses implement :meth:`install` (register hooks on ``hooks``; they are removed by the handle, also when
+    ``install`` fails half-way) and :meth:`on_prefill` (reset per-call state). ``stats`` reports what the method decided
+    in the last call.
+    """
+
+    spec: ClassVar[Any]
+
+    def __init__(self, config: MethodConfig, adapter) -> None:
+        self.config = config
+        self.adapter = adapter
+        self._stats: dict[str, Any] = {}
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def check(self) -> None:
+        """Raise a clear error if this model cannot run this configuration (called before installing)."""
+        return None
+
+    def install(self, hooks, ctx) -> None:
+        raise NotImplementedError
+
+    def on_prefill(self, ctx) -> None:
+        self._stats = {}
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        return dict(self._stats)

@@ -1,0 +1,210 @@
+"""Model adapters: everything architecture-specific that methods need, behind one interface.
+
+Methods ask the adapter where things are (visual token positions per sample / image / crop, vision layers, the
+projector, LLM decoder layers and attention modules, head counts, ``o_proj``, how positions are formed). They never
+look at class names. An adapter is chosen by ``config.model_type`` and sees through PEFT wrappers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from vtoolkit.registry import adapter_class_for
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The HF ``*ForConditionalGeneration`` inside PEFT (``PeftModel`` / ``LoraModel``) or similar wrappers."""
+    seen = set()
+    m = model
+    while id(m) not in seen:
+        seen.add(id(m))
+        if hasattr(m, "get_base_model") and callable(m.get_base_model):
+            m = m.get_base_model()
+            continue
+        inner = getattr(m, "base_model", None)
+        if inner is not None and inner is not m and hasattr(inner, "model") and hasattr(inner, "peft_config"):
+            m = inner.model
+            continue
+        break
+    return m
+
+
+@dataclass
+class ImageSpan:
+    """Where one image's visual tokens sit in one sample's LLM sequence.
+
+    ``positions``: sequence positions (sorted) of all this image's placeholder tokens.
+    ``crops``: per crop (LLaVA-NeXT: base image first, then the high-res tiles), the sequence positions of that
+    crop's tokens in the crop's raster order; pruning budgets are counted over these. For single-crop models this is
+    ``[positions]``. ``newlines``: positions of LLaVA-NeXT ``image_newline`` tokens (part of ``positions``, no crop).
+    ``grid``: (rows, cols) of one crop's token grid (after any merging). ``crop_patches``: for each crop, the raster
+    index within that crop's full grid of each entry of ``crops`` (LLaVA-NeXT unpadding removes some patches).
+    """
+
+    positions: torch.Tensor
+    image_index: int
+    crops: list[torch.Tensor] = field(default_factory=list)
+    newlines: torch.Tensor | None = None
+    grid: tuple[int, int] | None = None
+    crop_patches: list[torch.Tensor] = field(default_factory=list)
+
+    def __post_init__(self):
+        if not self.crops:
+            self.crops = [self.positions]
+        if not self.crop_patches:
+            self.crop_patches = [torch.arange(c.numel(), device=c.device) for c in self.crops]
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.positions.numel())
+
+
+class ModelAdapter:
+    """Base class; subclasses are registered with ``@register_adapter(model_type, ...)``."""
+
+    family: ClassVar[str] = "?"
+    position_kind: ClassVar[str] = "rope1d"      # "rope1d" | "mrope"
+    has_cls: ClassVar[bool] = True
+    vision_config_key: ClassVar[str] = "vision_config"
+    text_config_key: ClassVar[str] = "text_config"
+
+    def __init__(self, model: torch.nn.Module):
+        self.wrapper = model
+        self.model = unwrap(model)
+        self.config = self.model.config
+        self.text_config = self.config.get_text_config()
+        self.vision_config = getattr(self.config, "vision_config", None)
+
+    # -- LLM side ---------------------------------------------------------------------------------------------------
+    @property
+    def core(self) -> torch.nn.Module:
+        return self.model.model
+
+    @property
+    def language_model(self) -> torch.nn.Module:
+        return self.core.language_model
+
+    @property
+    def decoder_layers(self):
+        return self.language_model.layers
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.decoder_layers)
+
+    def attention(self, layer: int) -> torch.nn.Module:
+        return self.decoder_layers[layer].self_attn
+
+    def attention_modules(self) -> list[torch.nn.Module]:
+        return [layer.self_attn for layer in self.decoder_layers]
+
+    def o_proj(self, layer: int) -> torch.nn.Module:
+        return self.attention(layer).o_proj
+
+    @property
+    def num_heads(self) -> int:
+        return self.text_config.num_attention_heads
+
+    @property
+    def num_kv_heads(self) -> int:
+        return getattr(self.text_config, "num_key_value_heads", None) or self.num_heads
+
+    @property
+    def head_dim(self) -> int:
+        return getattr(self.text_config, "head_dim", None) or self.text_config.hidden_size // self.num_heads
+
+    @property
+    def image_token_id(self) -> int:
+        tid = getattr(self.config, "image_token_id", None)
+        return tid if tid is not None else self.config.image_token_index
+
+    @property
+    def lm_head(self) -> torch.nn.Module:
+        return self.model.lm_head
+
+    # -- vision side ------------------------------------------------------------------------------------------------
+    @property
+    def vision_tower(self) -> torch.nn.Module:
+        return self.core.vision_tower
+
+    @property
+    def vision_layers(self):
+        raise NotImplementedError
+
+    def vision_attention(self, layer: int) -> torch.nn.Module:
+        raise NotImplementedError
+
+    @property
+    def projector(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def vision_feature_layer(self) -> int:
+        """0-based index of the vision layer whose *output* provides the features (LLaVA: -2 -> layers[-2])."""
+        raise NotImplementedError
+
+    # -- sequences ------------------------------------------------------------------------------------------------
+    def image_token_counts(self, inputs: dict[str, Any]) -> list[int]:
+        """Visual tokens per image, in the order images appear in the batch."""
+        raise NotImplementedError
+
+    def image_spans(self, inputs: dict[str, Any]) -> list[list[ImageSpan]]:
+        """Per sample, per image: the :class:`ImageSpan` of its visual tokens in the LLM sequence (any padding)."""
+        ids = inputs["input_ids"]
+        img = ids == self.image_token_id
+        counts = self.image_token_counts(inputs)
+        per_sample_total = img.sum(1).tolist()
+        spans: list[list[ImageSpan]] = []
+        k = 0
+        for b in range(ids.shape[0]):
+            pos = img[b].nonzero().flatten()
+            cursor, mine = 0, []
+            while cursor < per_sample_total[b]:
+                if k >= len(counts):
+                    raise ValueError("more image placeholder tokens in input_ids than the images account for")
+                n = counts[k]
+                mine.append(self._make_span(pos[cursor:cursor + n], k, inputs))
+                cursor += n
+                k += 1
+            if cursor != per_sample_total[b]:
+                raise ValueError(f"sample {b}: {per_sample_total[b]} image tokens do not split into whole images")
+            spans.append(mine)
+        if k != len(counts):
+            raise ValueError(f"{len(counts)} images were given but input_ids hold placeholders for {k}")
+        return spans
+
+    def _make_span(self, positions: torch.Tensor, image_index: int, inputs) -> ImageSpan:
+        return ImageSpan(positions=positions, image_index=image_index, crops=[positions])
+
+    # -- prompting ----------------------------------------------------------------------------------------------
+    def format_prompt(self, processor, question: str, num_images: int = 1) -> str:
+        """The model's chat format for one user turn with ``num_images`` images and a generation prompt."""
+        raise NotImplementedError
+
+    def prepare_inputs(self, processor, images, questions, device=None):
+        """A left-padded batch from lists of images (a PIL image or a list per sample) and question strings."""
+        if len(images) != len(questions):
+            raise ValueError(f"{len(images)} images for {len(questions)} questions")
+        per = [im if isinstance(im, (list, tuple)) else [im] for im in images]
+        prompts = [self.format_prompt(processor, q, len(ims)) for q, ims in zip(questions, per)]
+        flat = [im for ims in per for im in ims]
+        tok = processor.tokenizer
+        old = tok.padding_side
+        tok.padding_side = "left"
+        try:
+            batch = processor(images=flat or None, text=prompts, padding=True, return_tensors="pt")
+        finally:
+            tok.padding_side = old
+        if device is not None:
+            batch = batch.to(device)
+        return batch
+
+
+def get_adapter(model: torch.nn.Module) -> ModelAdapter:
+    """The adapter for ``model`` (a HF VLM, possibly PEFT-wrapped), chosen by ``config.model_type``."""
+    inner = unwrap(model)
+    cfg = getattr(inner, "config", None)
+    if cfg is None:
+        raise TypeError(f"expected a Hugging Face model with a .config, got {type(model).__name__}")
+    return adapter_class_for(cfg.model_type)(model)
