@@ -14,6 +14,16 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Training-free visual-token pruning and hallucination mitigation for HF multimodal LLMs.")
 
 
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", help="print the version and exit")) -> None:
+    """vtoolkit: apply, evaluate and benchmark training-free methods on stock HF multimodal LLMs."""
+    if version:
+        import vtoolkit
+
+        typer.echo(vtoolkit.__version__)
+        raise typer.Exit()
+
+
 @app.command("list")
 def list_cmd(pattern: str = typer.Argument("*", help="glob over method names, e.g. '*prune*' or 'fast*'"),
              as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table")) -> None:

@@ -7,6 +7,7 @@ Nothing is carried from one call to the next.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any
 
@@ -39,12 +40,34 @@ class CallContext:
 
     def install(self, hooks) -> None:
         hooks.forward_pre(self.adapter.model, self._pre_forward, with_kwargs=True, prepend=True)
+        # ``generate`` runs the vision encoder before the prefill forward and pops pixel_values / image_sizes /
+        # image_grid_thw from the forward's kwargs; record them where the encoder is called (an instance-level
+        # wrapper, restored on removal; the signature is preserved because generate inspects it).
+        core = self.adapter.core
+        original = core.get_image_features
+
+        @functools.wraps(original)
+        def get_image_features(*args, **kwargs):
+            if hooks.active:
+                names = list(inspect.signature(original).parameters)
+                rec = dict(zip(names, args))
+                rec.update(kwargs)
+                self._encoder_inputs = {k: rec[k] for k in _CAPTURED if rec.get(k) is not None}
+            return original(*args, **kwargs)
+
+        hooks.set_attr(core, "get_image_features", get_image_features)
+        self._encoder_inputs: dict[str, Any] = {}
 
     def _pre_forward(self, module, args, kwargs):
         kw = dict(zip(self._arg_names, args))
         kw.update(kwargs)
         if cache_length(kw.get("past_key_values")) == 0:
             self.inputs = {k: kw.get(k) for k in _CAPTURED}
+            if kw.get("mm_encoder_outputs"):   # features precomputed by generate's encoder call just before
+                for k, v in self._encoder_inputs.items():
+                    if self.inputs.get(k) is None:
+                        self.inputs[k] = v
+            self._encoder_inputs = {}
             self._spans = None
             self.step = 0
             self.num_calls += 1

@@ -1,0 +1,57 @@
+"""Shared test setup: offline, deterministic, fp32 on CPU, tiny models cached per session."""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from pathlib import Path  # noqa: E402
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+os.environ.setdefault("NLTK_DATA", str(SHARED_DATA / "nltk_data"))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.use_deterministic_algorithms(False)
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+ARCHS = ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl"]
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.exists():
+        pytest.fail(f"fixtures not found at {SHARED_DATA}: the shared/ folder must sit next to the repository")
+    return SHARED_DATA
+
+
+_MODELS = {}
+
+
+def tiny_model(arch: str):
+    """A cached (model, processor, adapter) per arch; tests must leave the model as they found it."""
+    if arch not in _MODELS:
+        import vtoolkit as vt
+
+        model, proc = vt.models.tiny.build(arch, seed=0)
+        _MODELS[arch] = (model, proc, vt.models.get_adapter(model))
+    return _MODELS[arch]
+
+
+def sample_batch(arch: str, n: int = 3, two_images: bool = False):
+    """A left-padded batch of ``n`` prompts of different lengths (sample 1 gets two images if asked)."""
+    from vtoolkit.models.tiny import demo_image
+
+    model, proc, adapter = tiny_model(arch)
+    sizes = [(160, 120), (200, 100), (120, 120), (90, 140), (140, 90)]
+    qs = ["Is there a dog?", "Describe this image in detail, please, with every object you see.", "Cat?",
+          "Is there a person in the image?", "What color is the car?"]
+    images = [demo_image(i, sizes[i % len(sizes)]) for i in range(n)]
+    if two_images and n > 1:
+        images[1] = [images[1], demo_image(7, (100, 150))]
+    return adapter.prepare_inputs(proc, images, qs[:n])
+
+
+@pytest.fixture(params=ARCHS)
+def arch(request):
+    return request.param
