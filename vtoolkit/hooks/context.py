@@ -63,11 +63,10 @@ class CallContext:
         kw.update(kwargs)
         if cache_length(kw.get("past_key_values")) == 0:
             self.inputs = {k: kw.get(k) for k in _CAPTURED}
-            if kw.get("mm_encoder_outputs"):   # features precomputed by generate's encoder call just before
-                for k, v in self._encoder_inputs.items():
+            if kw.get("mm_encoder_outputs"):   # features precomputed by this generate's encoder call
+                for k, v in self._encoder_inputs.items():   # (kept for every prefill of the call: use_cache=False)
                     if self.inputs.get(k) is None:
                         self.inputs[k] = v
-            self._encoder_inputs = {}
             self._spans = None
             self.step = 0
             self.num_calls += 1

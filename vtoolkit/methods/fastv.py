@@ -1,1 +1,1 @@
-"""(in progress)"""
+"""FastV (in progress)."""

@@ -39,10 +39,13 @@ class QwenVLAdapter(ModelAdapter):
 
     def window_index(self, grid_thw: torch.Tensor) -> torch.Tensor | None:
         """Qwen2.5-VL's merged-token window permutation (ViT order -> raster order is ``argsort`` of it)."""
-        fn = getattr(self.vision_tower, "get_window_index", None)
-        if fn is None:
+        vt = self.vision_tower
+        if not hasattr(vt, "permute_input_for_window_attn"):   # no window attention (Qwen2-VL, Qwen3-VL)
             return None
-        return fn(grid_thw)[0]
+        from transformers.vision_utils import get_vision_window_index
+
+        return get_vision_window_index(grid_thw, spatial_merge_size=vt.spatial_merge_size, window_size=vt.window_size,
+                                       patch_size=vt.patch_size)[0]
 
     def vision_feature_layer(self) -> int:
         return len(self.vision_layers) - 1

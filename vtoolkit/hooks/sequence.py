@@ -1,0 +1,168 @@
+"""Pre-LLM sequence rewriting: drop visual tokens from the LLM input, per sample, under stock ``generate``.
+
+A forward pre-hook on the language model sees ``inputs_embeds``, ``attention_mask``, ``position_ids`` and the KV
+cache. At prefill (empty cache) it asks the method which visual positions each sample keeps, gathers the kept rows
+(text tokens are always kept) into a left-padded rectangular batch, and remembers the plan. At decode steps it drops
+the pruned columns from the mask that ``generate`` keeps at the unpruned length, and shifts positions.
+
+Position policies (``positions=``):
+- ``"contiguous"`` (official FasterVLM on LLaVA): the pruned sequence is numbered 0..L'-1 as if it had been the input;
+  decode positions continue from L'.
+- ``"original"``: kept tokens keep their unpruned positions (gaps where tokens were dropped); decode positions
+  continue after the unpruned length. M-RoPE models (Qwen2-VL / 2.5-VL) support only this policy: the kept tokens
+  keep their (t, h, w) from ``get_rope_index`` on the unpruned input, row 0 of generate's 4-row ids (used only for
+  mask construction) is renumbered contiguously, and ``rope_deltas`` is set to ``max_pos + 1 - L'`` per sample so a
+  cache-length-based decode step continues correctly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from vtoolkit.hooks.context import cache_length
+
+POLICIES = ("contiguous", "original")
+
+
+@dataclass
+class PrunePlan:
+    length: int                 # unpruned prompt length L
+    keep_idx: torch.Tensor      # [B, K] source positions (left pad slots point at leading positions)
+    valid: torch.Tensor         # [B, K] bool, False at pad slots
+    shift: torch.Tensor         # [B] tokens dropped per sample (non-pad L_b - kept_b)
+
+
+def _gather_kept(hidden, keep_idx, position_ids, attention_mask):
+    try:
+        from vtoolkit.kernels import gather_kept
+    except ImportError:  # TEMP until kernels land
+        B, K = keep_idx.shape
+        h = torch.gather(hidden, 1, keep_idx[..., None].expand(B, K, hidden.shape[-1]))
+        p = None
+        if position_ids is not None:
+            p = torch.gather(position_ids, -1, keep_idx.expand(*position_ids.shape[:-2], B, K)) \
+                if position_ids.dim() == 3 else torch.gather(position_ids.expand(B, -1), 1, keep_idx)
+        m = None if attention_mask is None else torch.gather(attention_mask, 1, keep_idx)
+        return h, p, m
+    return gather_kept(hidden, keep_idx, position_ids, attention_mask)
+
+
+class SequencePruner:
+    """Installs the language-model pre-hook. ``select(ctx) -> list[Tensor]``: per sample, sorted sequence
+    positions of the *visual* tokens to keep (or ``None`` to keep that sample's visual tokens)."""
+
+    def __init__(self, adapter, ctx, select: Callable, positions: str):
+        if positions not in POLICIES:
+            raise ValueError(f"positions must be one of {POLICIES}, got {positions!r}")
+        if adapter.position_kind == "mrope" and positions != "original":
+            raise ValueError("positions='contiguous' is defined for 1-D RoPE only; M-RoPE models (Qwen2-VL, "
+                             "Qwen2.5-VL) keep the kept tokens' original 3-D positions: use positions='original'")
+        self.adapter = adapter
+        self.ctx = ctx
+        self.select = select
+        self.positions = positions
+        self.plan: PrunePlan | None = None
+
+    def install(self, hooks) -> None:
+        hooks.forward_pre(self.adapter.language_model, self._pre, with_kwargs=True)
+        self.ctx.listeners.append(self)
+
+    def on_prefill(self, ctx) -> None:
+        self.plan = None
+
+    # ------------------------------------------------------------------------------------------------------------
+    def _pre(self, module, args, kwargs):
+        if args:
+            raise TypeError("vtoolkit expects the language model to be called with keyword arguments")
+        emb = kwargs.get("inputs_embeds")
+        if emb is None:
+            return None
+        if cache_length(kwargs.get("past_key_values")) == 0:
+            return self._prefill(kwargs, emb)
+        if self.plan is not None:
+            return self._decode(kwargs)
+        return None
+
+    def _prefill(self, kwargs, emb):
+        self.plan = None
+        ids = self.ctx.inputs.get("input_ids")
+        if ids is None or ids.shape[1] != emb.shape[1]:
+            return None
+        vis = ids == self.adapter.image_token_id
+        if not bool(vis.any()):
+            return None
+        keep_visual = self.select(self.ctx)
+        B, L = ids.shape
+        mask = kwargs.get("attention_mask")
+        mask2d = mask if (mask is not None and mask.dim() == 2) else None
+        if mask is not None and mask2d is None:
+            raise ValueError("vtoolkit pruning needs a 2-D attention_mask (or none), got a "
+                             f"{mask.dim()}-D mask")
+        nonpad = mask2d.bool() if mask2d is not None else torch.ones(B, L, dtype=torch.bool, device=ids.device)
+        rows = []
+        for b in range(B):
+            keep = nonpad[b] & ~vis[b]
+            kv = keep_visual[b]
+            if kv is None:
+                keep = keep | vis[b]
+            else:
+                keep[kv.to(keep.device)] = True
+            rows.append(keep.nonzero().flatten())
+        K = max(r.numel() for r in rows)
+        keep_idx = torch.empty(B, K, dtype=torch.long, device=ids.device)
+        valid = torch.zeros(B, K, dtype=torch.bool, device=ids.device)
+        for b, r in enumerate(rows):
+            pad = K - r.numel()
+            keep_idx[b, :pad] = torch.arange(pad, device=ids.device)   # point pad slots at leading positions
+            keep_idx[b, pad:] = r
+            valid[b, pad:] = True
+        shift = nonpad.sum(1) - valid.sum(1)
+        self.plan = PrunePlan(L, keep_idx, valid, shift)
+        if K == L and bool((keep_idx == torch.arange(L, device=ids.device)).all()):
+            return None  # nothing dropped anywhere: the batch is already what the LLM should see
+
+        pos = kwargs.get("position_ids")
+        if pos is None and self.positions == "original":
+            pos = torch.arange(L, device=ids.device).expand(B, L)
+        new_emb, new_pos, new_mask = _gather_kept(emb, keep_idx, pos, mask2d)
+        new_mask = valid.to(mask2d.dtype if mask2d is not None else torch.long)
+        if new_pos is not None:
+            contiguous = (valid.long().cumsum(-1) - 1).masked_fill(~valid, 0)
+            if self.positions == "contiguous":
+                new_pos = contiguous.view(*([1] * (new_pos.dim() - 2)), B, K).expand_as(new_pos).clone()
+            elif new_pos.dim() == 3 and new_pos.shape[0] == 4:   # generate's row 0: text positions for masks
+                new_pos = new_pos.clone()
+                new_pos[0] = contiguous
+        self._fix_rope_deltas(new_pos, valid, K)
+        kwargs = dict(kwargs)
+        kwargs.update(inputs_embeds=new_emb, attention_mask=new_mask)
+        if new_pos is not None:
+            kwargs["position_ids"] = new_pos
+        return (), kwargs
+
+    def _fix_rope_deltas(self, pos, valid, K):
+        core = self.adapter.core
+        if self.adapter.position_kind != "mrope" or pos is None or getattr(core, "rope_deltas", None) is None:
+            return
+        rope = pos[1:] if pos.shape[0] == 4 else pos
+        max_pos = rope.masked_fill(~valid[None], -1).amax(dim=(0, 2))
+        core.rope_deltas = (max_pos + 1 - K).view(-1, 1).to(core.rope_deltas.dtype)
+
+    def _decode(self, kwargs):
+        plan = self.plan
+        kwargs = dict(kwargs)
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.dim() == 2 and mask.shape[1] > plan.length:
+            head = torch.gather(mask[:, : plan.length], 1, plan.keep_idx) * plan.valid.to(mask.dtype)
+            kwargs["attention_mask"] = torch.cat([head, mask[:, plan.length:]], dim=1)
+        pos = kwargs.get("position_ids")
+        if pos is not None:
+            if self.positions == "contiguous":
+                kwargs["position_ids"] = pos - plan.shift.view(*([1] * (pos.dim() - 2)), -1, 1).to(pos.dtype)
+            elif pos.dim() == 3 and pos.shape[0] == 4:
+                pos = pos.clone()
+                pos[0] = pos[0] - plan.shift.view(-1, 1).to(pos.dtype)
+                kwargs["position_ids"] = pos
+        return (), kwargs

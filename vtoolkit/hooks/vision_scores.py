@@ -1,0 +1,119 @@
+"""Token-importance scores from one vision-encoder layer, computed from hooked q/k (the tower keeps SDPA/flash).
+
+- Encoders with a [CLS] token (CLIP in LLaVA / LLaVA-NeXT): the CLS query's attention probabilities over the patch
+  keys in layer ``l``: ``a[c, j] = mean_h softmax(q_cls^h . K^h / sqrt(d))[1 + j]`` (CLS column excluded), one row
+  of ``[n_crops, N]``. Computed from ``q_proj`` / ``k_proj`` outputs of that layer; cost O(N d) per crop.
+- Encoders without CLS (Qwen2-VL / Qwen2.5-VL): the mean attention each patch *receives* in a full-attention block,
+  ``r_j = mean_h mean_i softmax(q_i^h . K^h / sqrt(d))[j]``, per image (block-diagonal ``cu_seqlens``), streamed over
+  query blocks so no ``H x N x N`` tensor exists; then averaged over the ``merge x merge`` patches that form one LLM
+  token, and un-permuted from Qwen2.5-VL's window order to raster order. Computed in an attention interceptor
+  (post-RoPE q/k), the base attention still runs unchanged.
+
+Scores are reset at each vision-tower call and read by the method at the LLM prefill (``per_image()``).
+"""
+from __future__ import annotations
+
+import torch
+
+from vtoolkit.hooks.attention import intercept
+
+QUERY_BLOCK = 1024
+
+
+def received_attention(q: torch.Tensor, k: torch.Tensor, scaling: float, block: int = QUERY_BLOCK) -> torch.Tensor:
+    """Mean over heads and queries of the softmax attention each key receives. ``q, k: [H, N, d]`` -> ``[N]``."""
+    H, N, _ = q.shape
+    acc = torch.zeros(H, N, dtype=torch.float32, device=q.device)
+    kt = k.float().transpose(1, 2)
+    for s in range(0, N, block):
+        p = torch.softmax(torch.matmul(q[:, s:s + block].float(), kt) * scaling, dim=-1)
+        acc += p.sum(1)
+    return (acc / N).mean(0)
+
+
+def cls_attention(q_cls: torch.Tensor, k: torch.Tensor, scaling: float) -> torch.Tensor:
+    """CLS-row attention probabilities over patches, mean over heads. ``q_cls: [B, H, d]``, ``k: [B, H, T, d]``
+    (T = 1 + N with CLS first) -> ``[B, N]``."""
+    logits = torch.einsum("bhd,bhtd->bht", q_cls.float(), k.float()) * scaling
+    return torch.softmax(logits, dim=-1)[:, :, 1:].mean(1)
+
+
+class VisionScores:
+    def __init__(self, adapter, layer: int | None = None):
+        self.adapter = adapter
+        if adapter.has_cls:
+            self.layer = adapter.vision_feature_layer() if layer is None else layer
+        else:
+            self.layer = adapter.full_attention_layers()[-1] if layer is None else layer
+        n = len(adapter.vision_layers)
+        if not -n <= self.layer < n:
+            raise ValueError(f"vision layer {self.layer} out of range for a {n}-layer vision tower")
+        self.layer %= n
+        if not adapter.has_cls and self.layer not in adapter.full_attention_layers():
+            raise ValueError(f"vision layer {self.layer} uses window attention; received-attention scores need a "
+                             f"full-attention block: one of {adapter.full_attention_layers()}")
+        self._chunks: list[torch.Tensor] = []
+        self._q = self._k = None
+        self._grid = None
+
+    def install(self, hooks) -> None:
+        a = self.adapter
+        hooks.forward_pre(a.vision_tower, self._reset, with_kwargs=True)
+        attn = a.vision_attention(self.layer)
+        if a.has_cls:
+            hooks.forward(attn.q_proj, lambda m, args, out: setattr(self, "_q", out))
+            hooks.forward(attn.k_proj, lambda m, args, out: setattr(self, "_k", out))
+            hooks.forward(attn, self._cls_done)
+        else:
+            intercept(hooks, a.vision_config, [attn], self._received)
+
+    # -- hooks --------------------------------------------------------------------------------------------------
+    def _reset(self, module, args, kwargs):
+        self._chunks = []
+        self._q = self._k = None
+        grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+        self._grid = grid
+        return None
+
+    def _cls_done(self, module, args, out):
+        q, k = self._q, self._k
+        self._q = self._k = None
+        B, T, _ = q.shape
+        H = module.num_heads
+        d = q.shape[-1] // H
+        q_cls = q[:, 0].view(B, H, d)
+        kh = k.view(B, T, H, d).transpose(1, 2)
+        scaling = getattr(module, "scale", None) or getattr(module, "scaling", None) or d**-0.5
+        self._chunks.append(cls_attention(q_cls, kh, scaling))
+        return None
+
+    def _received(self, module, query, key, value, attention_mask, kwargs):
+        scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
+        cu = kwargs.get("cu_seq_lens_q")
+        q, k = query[0], key[0]                     # [H, N, d] (vision attention runs with batch 1)
+        if cu is None:
+            self._chunks.append(received_attention(q, k, scaling))
+        else:
+            for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+                self._chunks.append(received_attention(q[:, s:e], k[:, s:e], scaling))
+        return None
+
+    # -- read-out -----------------------------------------------------------------------------------------------
+    def per_crop(self) -> list[torch.Tensor]:
+        """CLS encoders: one ``[N]`` score row per crop, in the order the crops went through the tower."""
+        if not self._chunks:
+            raise RuntimeError("no vision scores were recorded for this call (did the vision tower run?)")
+        return list(torch.cat(self._chunks, 0))
+
+    def per_image(self) -> list[torch.Tensor]:
+        """No-CLS encoders: one score per LLM visual token (merged), raster order, per image."""
+        if not self._chunks:
+            raise RuntimeError("no vision scores were recorded for this call (did the vision tower run?)")
+        unit = self.adapter.merge_size**2
+        merged = torch.cat(self._chunks).view(-1, unit).mean(-1)
+        grid = self._grid
+        widx = self.adapter.window_index(grid) if grid is not None else None
+        if widx is not None:
+            merged = merged[torch.argsort(widx.to(merged.device))]
+        counts = (grid.prod(-1) // unit).tolist()
+        return list(torch.split(merged, counts))

@@ -1,0 +1,122 @@
+"""Template for pre-LLM visual-token pruning: score -> select top-T per budget unit -> gather (hooks/sequence.py).
+
+Subclasses supply ``token_scores(ctx)``: for each image (batch order) a list with one score tensor per crop over
+the crop's full raster (``ImageSpan.crop_patches`` index into it). The template owns the budget rules, shared by
+every score-based pruner so they are comparable:
+
+- ``keep_ratio`` r: T = max(1, round(r * N)) tokens per budget unit of N tokens (half up: 576 * 0.1 -> 58, as the
+  FasterVLM scripts' 144 / 58 / 29 for 75 / 90 / 95 % reduction); ``keep_tokens`` T: exactly T per unit.
+- ``budget_scope="per_crop"`` (official FasterVLM on LLaVA-NeXT): every crop keeps its own T; N = the crop's full
+  grid; an unpadded tile with fewer tokens keeps at most what it has. ``"global"``: one budget per image over all
+  its crops, N = the image's patch tokens in the sequence.
+- LLaVA-NeXT ``image_newline`` tokens are always kept and never counted in the budget (HF packs one per row; the
+  model was trained with them).
+- Kept tokens stay in their original order.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from vtoolkit.config import MethodConfig
+from vtoolkit.hooks.sequence import SequencePruner
+from vtoolkit.methods.base import Method
+
+SCOPES = ("per_crop", "global")
+
+
+@dataclass(frozen=True)
+class PruneConfig(MethodConfig):
+    keep_ratio: float | None = None
+    keep_tokens: int | None = None
+    budget_scope: str = "per_crop"
+    positions: str | None = None
+
+    default_keep_ratio = 0.1
+
+    def validate(self) -> None:
+        if self.keep_ratio is not None and self.keep_tokens is not None:
+            raise ValueError("give keep_ratio or keep_tokens, not both")
+        if self.keep_ratio is None and self.keep_tokens is None:
+            object.__setattr__(self, "keep_ratio", self.default_keep_ratio)
+        if self.keep_ratio is not None and not (0 < float(self.keep_ratio) <= 1):
+            raise ValueError(f"keep_ratio must be in (0, 1], got {self.keep_ratio}")
+        if self.keep_tokens is not None and (not isinstance(self.keep_tokens, int) or self.keep_tokens < 1):
+            raise ValueError(f"keep_tokens must be a positive integer, got {self.keep_tokens!r}")
+        if self.budget_scope not in SCOPES:
+            raise ValueError(f"budget_scope must be one of {SCOPES}, got {self.budget_scope!r}")
+        if self.positions not in (None, "contiguous", "original"):
+            raise ValueError(f"positions must be 'contiguous', 'original' or None (family default), got "
+                             f"{self.positions!r}")
+
+
+def budget(n: int, keep_ratio: float | None, keep_tokens: int | None, what: str) -> int:
+    if keep_tokens is not None:
+        if keep_tokens > n:
+            raise ValueError(f"keep_tokens={keep_tokens} exceeds the {n} visual tokens of {what}; "
+                             f"use keep_tokens <= {n}, or keep_ratio")
+        return keep_tokens
+    return max(1, min(n, math.floor(keep_ratio * n + 0.5)))
+
+
+class ScorePrune(Method):
+    """Base of score-based pre-LLM pruners."""
+
+    default_positions = {"rope1d": "contiguous", "mrope": "original"}
+
+    def positions_policy(self) -> str:
+        return self.config.positions or self.default_positions[self.adapter.position_kind]
+
+    def check(self) -> None:
+        SequencePruner(self.adapter, None, None, self.positions_policy())  # validates the policy for this model
+
+    def install(self, hooks, ctx) -> None:
+        self.ctx = ctx
+        ctx.listeners.append(self)
+        self.install_scorer(hooks, ctx)
+        SequencePruner(self.adapter, ctx, self.select, self.positions_policy()).install(hooks)
+
+    def install_scorer(self, hooks, ctx) -> None:
+        return None
+
+    def token_scores(self, ctx) -> list[list[torch.Tensor]]:
+        raise NotImplementedError
+
+    def select(self, ctx) -> list[torch.Tensor]:
+        cfg = self.config
+        spans = ctx.spans
+        scores = self.token_scores(ctx)
+        keep_all, kept_idx, before, after = [], [], [], []
+        for b, sample in enumerate(spans):
+            keep_b, idx_b = [], []
+            for span in sample:
+                crop_scores = scores[span.image_index]
+                if len(crop_scores) != len(span.crops):
+                    raise RuntimeError(f"{len(crop_scores)} score rows for {len(span.crops)} crops of image "
+                                       f"{span.image_index}")
+                present = [s.to(span.positions.device)[p] for s, p in zip(crop_scores, span.crop_patches)]
+                chosen = []
+                if cfg.budget_scope == "per_crop" or len(span.crops) == 1:
+                    for c, (s, pos) in enumerate(zip(present, span.crops)):
+                        full = crop_scores[c].numel()
+                        t = min(budget(full, cfg.keep_ratio, cfg.keep_tokens,
+                                       f"crop {c} of image {span.image_index} (sample {b})"), s.numel())
+                        chosen.append(pos[torch.topk(s, t, sorted=False).indices])
+                else:
+                    s, pos = torch.cat(present), torch.cat(span.crops)
+                    t = budget(s.numel(), cfg.keep_ratio, cfg.keep_tokens, f"image {span.image_index} (sample {b})")
+                    chosen.append(pos[torch.topk(s, t, sorted=False).indices])
+                if span.newlines is not None:
+                    chosen.append(span.newlines)
+                kept = torch.cat(chosen).sort().values
+                keep_b.append(kept)
+                idx_b.append(torch.searchsorted(span.positions, kept).cpu())
+            keep_all.append(torch.cat(keep_b) if keep_b else None)
+            kept_idx.append(idx_b)
+            before.append(sum(s.num_tokens for s in sample))
+            after.append(sum(k.numel() for k in keep_b))
+        self._stats = {"kept_indices": kept_idx, "visual_tokens_before": before, "visual_tokens_after": after,
+                       "positions": self.positions_policy()}
+        return keep_all
