@@ -53,6 +53,10 @@ def _supports(spec: MethodSpec, adapter) -> bool:
 
 
 def _check_compatible(specs: list[MethodSpec], existing: list[MethodSpec]) -> None:
+    pruners = [s.name for s in existing + specs if s.kind == "prune"]
+    if len(pruners) > 1:
+        raise ValueError(f"methods {pruners[0]!r} and {pruners[1]!r} both prune visual tokens and cannot be composed: "
+                         f"the second would rank tokens in a sequence the first already rewrote")
     seen: dict[str, str] = {}
     for s in existing + specs:
         if s.stage == "none":

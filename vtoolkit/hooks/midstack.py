@@ -1,0 +1,129 @@
+"""Mid-stack visual-token removal: from decoder layer ``k`` on, the LLM runs on a shorter sequence.
+
+Pre-hooks on decoder layers ``k..L-1``. At prefill, layer ``k`` receives the full hidden states; the method chooses
+per sample which visual positions stay; the kept rows of ``hidden_states``, ``position_embeddings`` (cos, sin) and
+``position_ids`` are gathered into a left-padded batch (kept tokens keep their original RoPE positions) and every
+later layer gets a causal mask for the pruned length. The KV cache therefore holds full-length K/V in layers < k and
+pruned K/V in layers >= k (``DynamicCache`` allows per-layer lengths); at decode steps layers >= k get a mask over
+their own cache (kept prompt slots + generated tokens) instead of the layer-0-length mask HF builds.
+
+Masks are produced in the format the incoming one has: boolean (SDPA; ``None`` counts as SDPA) or additive float
+(eager). Pad slots attend to themselves only, so no attention row is empty.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from vtoolkit.hooks.context import cache_length
+
+
+class MidStackPruner:
+    def __init__(self, adapter, ctx, layer: int, select: Callable):
+        n = adapter.num_layers
+        if not 1 <= layer < n:
+            raise ValueError(f"layer must be in [1, {n - 1}] for a {n}-layer LLM, got {layer}")
+        self.adapter, self.ctx, self.layer, self.select = adapter, ctx, layer, select
+        self.plan = None
+
+    def install(self, hooks) -> None:
+        for i in range(self.layer, self.adapter.num_layers):
+            hooks.forward_pre(self.adapter.decoder_layers[i], self._make_hook(i), with_kwargs=True)
+        self.ctx.listeners.append(self)
+
+    def on_prefill(self, ctx) -> None:
+        self.plan = None
+
+    def _make_hook(self, i: int):
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            prefill = cache_length(kwargs.get("past_key_values")) == 0 or hidden.shape[1] > 1 and self.plan is None
+            if i == self.layer and prefill:
+                self._plan(hidden, kwargs)
+            if self.plan is None:
+                return None
+            return self._rewrite(i, args, kwargs, hidden)
+
+        return hook
+
+    # ------------------------------------------------------------------------------------------------------------
+    def _plan(self, hidden, kwargs):
+        self.plan = None
+        ids = self.ctx.inputs.get("input_ids")
+        if ids is None or ids.shape[1] != hidden.shape[1]:
+            return
+        vis = ids == self.adapter.image_token_id
+        if not bool(vis.any()):
+            return
+        keep_visual = self.select(self.ctx)
+        B, L = ids.shape
+        m2 = self.ctx.inputs.get("attention_mask")
+        nonpad = m2.bool() if m2 is not None else torch.ones(B, L, dtype=torch.bool, device=ids.device)
+        rows = []
+        for b in range(B):
+            keep = nonpad[b] & ~vis[b]
+            keep[keep_visual[b].to(keep.device)] = True
+            rows.append(keep.nonzero().flatten())
+        K = max(r.numel() for r in rows)
+        keep_idx = torch.zeros(B, K, dtype=torch.long, device=ids.device)
+        valid = torch.zeros(B, K, dtype=torch.bool, device=ids.device)
+        for b, r in enumerate(rows):
+            pad = K - r.numel()
+            keep_idx[b, :pad] = torch.arange(pad, device=ids.device)
+            keep_idx[b, pad:] = r
+            valid[b, pad:] = True
+        if K == L and bool((keep_idx == torch.arange(L, device=ids.device)).all()):
+            return  # nothing dropped: the layers run unchanged
+        self.plan = {"L": L, "keep_idx": keep_idx, "valid": valid, "prefill_mask": None}
+
+    def _mask(self, like, valid_keys: torch.Tensor, q_len: int):
+        """Causal mask for the last ``q_len`` of ``valid_keys.shape[1]`` keys, format of ``like``."""
+        B, Kk = valid_keys.shape
+        q_pos = torch.arange(Kk - q_len, Kk, device=valid_keys.device)
+        k_pos = torch.arange(Kk, device=valid_keys.device)
+        allowed = (k_pos[None, :] <= q_pos[:, None])[None] & valid_keys[:, None, :]
+        allowed = allowed | (k_pos[None, :] == q_pos[:, None])[None]        # pad slots see themselves
+        allowed = allowed[:, None]
+        if like is not None and like.dtype != torch.bool:
+            return torch.zeros(allowed.shape, dtype=like.dtype, device=like.device).masked_fill(
+                ~allowed, torch.finfo(like.dtype).min)
+        return allowed
+
+    def _rewrite(self, i, args, kwargs, hidden):
+        p = self.plan
+        kwargs = dict(kwargs)
+        keep_idx, valid = p["keep_idx"], p["valid"]
+        B, K = keep_idx.shape
+        if hidden.shape[1] == p["L"] and i == self.layer:          # prefill: shrink the sequence
+            from vtoolkit.hooks.sequence import _gather_kept
+
+            new_hidden, _, _ = _gather_kept(hidden, keep_idx, None, None)
+            pe = kwargs.get("position_embeddings")
+            if pe is not None:
+                kwargs["position_embeddings"] = tuple(
+                    torch.gather(t.expand(B, -1, -1), 1, keep_idx[..., None].expand(B, K, t.shape[-1])) for t in pe)
+            pos = kwargs.get("position_ids")
+            if pos is not None and pos.dim() == 2 and pos.shape[-1] == p["L"]:
+                kwargs["position_ids"] = torch.gather(pos.expand(B, -1), 1, keep_idx)
+            p["pe"] = kwargs.get("position_embeddings")
+            p["pos"] = kwargs.get("position_ids")
+            p["prefill_mask"] = self._mask(kwargs.get("attention_mask"), valid, K)
+            kwargs["attention_mask"] = p["prefill_mask"]
+            if args:
+                args = (new_hidden,) + tuple(args[1:])
+            else:
+                kwargs["hidden_states"] = new_hidden
+            return args, kwargs
+        if hidden.shape[1] == K:                                    # prefill, layers after k
+            kwargs["attention_mask"] = p["prefill_mask"]
+            kwargs["position_embeddings"] = p["pe"]
+            kwargs["position_ids"] = p["pos"]
+            return args, kwargs
+        # decode: this layer's cache holds K prompt slots + the generated tokens so far
+        cache = kwargs.get("past_key_values")
+        past = cache.get_seq_length(i) if hasattr(cache, "get_seq_length") else K
+        q = hidden.shape[1]
+        keys = torch.cat([valid, torch.ones(B, past + q - K, dtype=torch.bool, device=valid.device)], 1)
+        kwargs["attention_mask"] = self._mask(kwargs.get("attention_mask"), keys, q)
+        return args, kwargs
