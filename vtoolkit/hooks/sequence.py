@@ -35,17 +35,8 @@ class PrunePlan:
 
 
 def _gather_kept(hidden, keep_idx, position_ids, attention_mask):
-    try:
-        from vtoolkit.kernels import gather_kept
-    except ImportError:  # TEMP until kernels land
-        B, K = keep_idx.shape
-        h = torch.gather(hidden, 1, keep_idx[..., None].expand(B, K, hidden.shape[-1]))
-        p = None
-        if position_ids is not None:
-            p = torch.gather(position_ids, -1, keep_idx.expand(*position_ids.shape[:-2], B, K)) \
-                if position_ids.dim() == 3 else torch.gather(position_ids.expand(B, -1), 1, keep_idx)
-        m = None if attention_mask is None else torch.gather(attention_mask, 1, keep_idx)
-        return h, p, m
+    from vtoolkit.kernels import gather_kept
+
     return gather_kept(hidden, keep_idx, position_ids, attention_mask)
 
 
