@@ -1,0 +1,48 @@
+"""A random-weight LLaVA-1.5-shaped model built offline: CLIP-L/336 tower + a Llama LLM (default 16 x 2048, bf16).
+
+Weights are drawn with ``no_init_weights`` and one ``normal_`` per tensor in the target dtype (HF's per-module init
+is ~2x slower on CPU). Shapes, not weights, decide latency, so this is what the pruning benchmark runs on.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def build(llm_layers: int = 16, hidden: int = 2048, heads: int = 16, kv_heads: int = 16, intermediate: int = 5632,
+          vocab: int = 32000, vision_layers: int = 24, vision_hidden: int = 1024, image_size: int = 336,
+          dtype=torch.bfloat16, seed: int = 0):
+    from transformers import CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig
+    from transformers import LlavaForConditionalGeneration, LlavaProcessor
+    from transformers.initialization import no_init_weights
+
+    from vtoolkit.models.tiny import build_tokenizer
+
+    tok = build_tokenizer(["<image>"])
+    vcfg = CLIPVisionConfig(hidden_size=vision_hidden, intermediate_size=vision_hidden * 4,
+                            num_hidden_layers=vision_layers, num_attention_heads=vision_hidden // 64,
+                            image_size=image_size, patch_size=14, projection_dim=768)
+    tcfg = LlamaConfig(vocab_size=max(vocab, len(tok)), hidden_size=hidden, intermediate_size=intermediate,
+                       num_hidden_layers=llm_layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                       max_position_embeddings=4096, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                       pad_token_id=tok.pad_token_id)
+    cfg = LlavaConfig(vision_config=vcfg, text_config=tcfg, image_token_id=tok.convert_tokens_to_ids("<image>"),
+                      vision_feature_layer=-2, vision_feature_select_strategy="default")
+    with no_init_weights():
+        model = LlavaForConditionalGeneration(cfg).to(dtype)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.fill_(1.0 if "norm" in name and "weight" in name else 0.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).mul_(0.02).to(dtype))
+    ip = CLIPImageProcessorPil(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
+    proc = LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=14, vision_feature_select_strategy="default",
+                          num_additional_image_tokens=1)
+    return model.eval(), proc
+
+
+def tiny_shape():
+    """A small stand-in with the same structure, for smoke tests of the benchmark itself."""
+    return build(llm_layers=4, hidden=128, heads=4, kv_heads=2, intermediate=256, vocab=600, vision_layers=3,
+                 vision_hidden=64, image_size=112, dtype=torch.float32)
