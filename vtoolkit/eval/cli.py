@@ -6,4 +6,6 @@ import typer
 
 def register(app: typer.Typer) -> None:
     """Mount the evaluation commands on the main app."""
-    return None
+    from vtoolkit.eval.cli_score import score_app
+
+    app.add_typer(score_app, name="score")

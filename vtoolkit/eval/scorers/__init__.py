@@ -1,7 +1,10 @@
 """Pure-Python scorers for POPE, CHAIR and MME that reproduce the original scripts' numbers exactly.
 
-No model, torch or network imports. ``nltk`` (extra ``chair``) is imported lazily, only by the CHAIR scorer.
+No model, torch or network imports. ``nltk`` (extra ``chair``) is imported lazily, only when a CHAIR evaluator is
+built. See each module's docstring for the rules/variants, formulas and deviations.
 """
+from vtoolkit.eval.scorers.chair import (CHAIR, CHAIR_VARIANTS, ChairResourceError, ChairResult, build_gt_from_coco,
+                                         load_captions, load_gt, score_chair, score_chair_files, singularize)
 from vtoolkit.eval.scorers.mme import (COGNITION_TASKS, MME_RULES, PERCEPTION_TASKS, MMEResult, parse_mme_answer,
                                        read_mme_results_dir, score_mme, score_mme_dir)
 from vtoolkit.eval.scorers.pope import (POPE_RULES, PopeReport, PopeResult, load_pope_answers, load_pope_labels,
@@ -11,6 +14,8 @@ from vtoolkit.eval.scorers.pope import (POPE_RULES, PopeReport, PopeResult, load
 __all__ = [
     "POPE_RULES", "PopeResult", "PopeReport", "parse_pope_answer", "score_pope", "score_pope_splits",
     "score_pope_files", "load_pope_questions", "load_pope_labels", "load_pope_answers",
+    "CHAIR_VARIANTS", "CHAIR", "ChairResult", "ChairResourceError", "singularize", "load_gt", "build_gt_from_coco",
+    "load_captions", "score_chair", "score_chair_files",
     "MME_RULES", "PERCEPTION_TASKS", "COGNITION_TASKS", "MMEResult", "parse_mme_answer", "read_mme_results_dir",
     "score_mme", "score_mme_dir",
 ]

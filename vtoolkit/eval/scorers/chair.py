@@ -420,19 +420,23 @@ class _NltkBackend:
         else:
             raise ValueError("nltk_compat must be '3.9' or 'installed'")
         self._tagger = None
-        self._lemma_cache: Dict[Tuple[str, str], str] = {}
         if need_tagger:
             self._load_tagger()
 
     def _load_tagger(self):
-        from nltk.corpus import wordnet
-        from nltk.stem import WordNetLemmatizer
-        from nltk.tag.perceptron import PerceptronTagger
+        if "tagger" not in _SHARED:  # the tagger, WordNet and the lemma cache do not depend on the tokenizer mode
+            from nltk.corpus import wordnet
+            from nltk.stem import WordNetLemmatizer
+            from nltk.tag.perceptron import PerceptronTagger
 
-        self._tagger = PerceptronTagger()
-        self._wnl = WordNetLemmatizer()
-        self._wnl.lemmatize("dogs", "n")  # force the lazy WordNet load now
-        self._pos = {"J": wordnet.ADJ, "V": wordnet.VERB, "N": wordnet.NOUN, "R": wordnet.ADV}
+            wnl = WordNetLemmatizer()
+            wnl.lemmatize("dogs", "n")  # force the lazy WordNet load now
+            _SHARED.update(tagger=PerceptronTagger(), wnl=wnl, lemma_cache={},
+                           pos={"J": wordnet.ADJ, "V": wordnet.VERB, "N": wordnet.NOUN, "R": wordnet.ADV})
+        self._tagger = _SHARED["tagger"]
+        self._wnl = _SHARED["wnl"]
+        self._pos = _SHARED["pos"]
+        self._lemma_cache = _SHARED["lemma_cache"]
 
     @functools.lru_cache(maxsize=100_000)  # noqa: B019 - backends are process-wide singletons
     def tokenize(self, text: str) -> Tuple[str, ...]:
@@ -458,6 +462,7 @@ class _NltkBackend:
 
 
 _BACKENDS: Dict[Tuple[str, bool], _NltkBackend] = {}
+_SHARED: Dict[str, object] = {}
 
 
 def _backend(compat: str, need_tagger: bool) -> _NltkBackend:
