@@ -16,8 +16,6 @@ from typing import Callable
 
 import torch
 
-from vtoolkit.hooks.context import cache_length
-
 
 class MidStackPruner:
     def __init__(self, adapter, ctx, layer: int, select: Callable):
@@ -38,14 +36,18 @@ class MidStackPruner:
     def _make_hook(self, i: int):
         def hook(module, args, kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
-            prefill = cache_length(kwargs.get("past_key_values")) == 0 or hidden.shape[1] > 1 and self.plan is None
-            if i == self.layer and prefill:
+            # the context saw this forward start with an empty cache (layer 0's cache is already filled by now)
+            if i == self.layer and self.ctx.is_prefill and self._is_full_prompt(hidden):
                 self._plan(hidden, kwargs)
             if self.plan is None:
                 return None
             return self._rewrite(i, args, kwargs, hidden)
 
         return hook
+
+    def _is_full_prompt(self, hidden) -> bool:
+        ids = self.ctx.inputs.get("input_ids")
+        return ids is not None and hidden.shape[1] == ids.shape[1]
 
     # ------------------------------------------------------------------------------------------------------------
     def _plan(self, hidden, kwargs):
