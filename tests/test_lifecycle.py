@@ -195,3 +195,38 @@ def test_yaml_preset_and_overrides(tmp_path):
 
     with pytest.raises(yaml.YAMLError):
         load_method_preset(tmp_path / "bad.yaml")
+
+
+@torch.no_grad()
+def test_bf16_and_device_map_loaded_model(tmp_path):
+    """A model saved and reloaded with from_pretrained(dtype=bf16, device_map=...) takes a method like any other."""
+    from transformers import AutoModelForImageTextToText
+
+    model, proc = vt.models.tiny.build("llava", seed=2)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path, dtype=torch.bfloat16, device_map={"": "cpu"})
+    assert next(loaded.parameters()).dtype == torch.bfloat16
+    batch = vt.models.get_adapter(loaded).prepare_inputs(proc, [vt.models.tiny.demo_image(0)] * 2, ["Dog?", "Cat?"])
+    batch["pixel_values"] = batch["pixel_values"].to(torch.bfloat16)
+    base = loaded.generate(**batch, max_new_tokens=3, do_sample=False)
+    with vt.apply_method(loaded, "fastervlm", keep_ratio=0.5) as h:
+        out = loaded.generate(**batch, max_new_tokens=3, do_sample=False)
+        assert out.shape == base.shape and h.stats["visual_tokens_after"] == [32, 32]
+    with vt.apply_method(loaded, "none"):
+        assert torch.equal(loaded.generate(**batch, max_new_tokens=3, do_sample=False), base)
+
+
+@torch.no_grad()
+def test_qwen3_vl_adapter_and_identity():
+    model, proc = vt.models.tiny.build("qwen3_vl")
+    adapter = vt.models.get_adapter(model)
+    batch = adapter.prepare_inputs(proc, [vt.models.tiny.demo_image(0), vt.models.tiny.demo_image(1, (90, 140))],
+                                   ["Is there a dog?", "Describe it."])
+    spans = adapter.image_spans(batch)
+    for b, sample in enumerate(spans):
+        assert torch.equal(sample[0].positions, (batch["input_ids"][b] == adapter.image_token_id).nonzero().flatten())
+    base = model.generate(**batch, max_new_tokens=3, do_sample=False)
+    with vt.apply_method(model, "none"):
+        assert torch.equal(model.generate(**batch, max_new_tokens=3, do_sample=False), base)
+    with pytest.raises(NotImplementedError, match="does not support 'qwen3_vl'"):
+        vt.apply_method(model, "fastervlm")

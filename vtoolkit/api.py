@@ -49,7 +49,7 @@ def _resolve(item: MethodLike, overrides: dict[str, Any]) -> tuple[MethodSpec, M
 
 def _supports(spec: MethodSpec, adapter) -> bool:
     archs = spec.architectures
-    return "*" in archs or adapter.family in archs or any(t in archs for t in adapter.model_types)
+    return "*" in archs or adapter.config.model_type in archs or adapter.family in archs
 
 
 def _check_compatible(specs: list[MethodSpec], existing: list[MethodSpec]) -> None:
