@@ -9,3 +9,6 @@ def register(app: typer.Typer) -> None:
     from vtoolkit.eval.cli_score import score_app
 
     app.add_typer(score_app, name="score")
+    from vtoolkit.eval.cli_eval import register_commands
+
+    register_commands(app)

@@ -1,0 +1,193 @@
+"""``vtoolkit report RUN_DIR...``: one table (Markdown + CSV) over run folders with deltas to the baseline, and plots.
+
+One row per (run, benchmark): the headline score (POPE mean F1, MME perception + cognition, CHAIRs), secondary
+metrics, mean visual tokens kept per sample, mean latency per sample, errors. The baseline of a row is the run with
+method ``none`` on the same model and benchmark (the first one found); ``delta`` = score - baseline score,
+``rel_score`` = score / baseline, ``speedup`` = baseline latency / latency, ``token_ratio`` = kept / baseline kept.
+
+Plots (matplotlib, Agg backend), one pair per benchmark: score vs visual tokens kept, score vs latency.
+A folder without ``metrics.json`` whose sub-folders have one (a sweep folder) is expanded.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+__all__ = ["collect_runs", "build_table", "write_report"]
+
+_SECONDARY = {
+    "pope": [("accuracy", ("average", "accuracy")), ("precision", ("average", "precision")),
+             ("recall", ("average", "recall")), ("yes_ratio", ("average", "pred_yes_ratio"))],
+    "mme": [("perception", ("perception",)), ("cognition", ("cognition",))],
+    "chair": [("CHAIRi", ("overall", "CHAIRi")), ("recall", ("overall", "Recall")), ("len", ("overall", "avg_len"))],
+}
+
+
+def collect_runs(paths: Iterable[str | Path]) -> list[Path]:
+    """Run folders (holding ``metrics.json``) from folders given; sweep folders are expanded, order kept."""
+    out: list[Path] = []
+    for p in paths:
+        p = Path(p)
+        if (p / "metrics.json").is_file():
+            out.append(p)
+        elif p.is_dir():
+            subs = sorted(d for d in p.iterdir() if (d / "metrics.json").is_file())
+            if not subs:
+                raise FileNotFoundError(f"{p}: no metrics.json here or in its sub-folders (did the run finish?)")
+            out.extend(subs)
+        else:
+            raise FileNotFoundError(f"{p}: not a run folder")
+    seen, uniq = set(), []
+    for p in out:
+        if p.resolve() not in seen:
+            seen.add(p.resolve())
+            uniq.append(p)
+    return uniq
+
+
+def _get(d: Any, path: Sequence[str]):
+    for k in path:
+        if not isinstance(d, dict) or k not in d:
+            return None
+        d = d[k]
+    return d
+
+
+def _fmt_opts(opts: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted((opts or {}).items()) if v is not None) or "-"
+
+
+def build_table(run_dirs: Sequence[str | Path]):
+    """A pandas DataFrame with one row per (run, benchmark), deltas to the baseline included."""
+    import pandas as pd
+
+    rows = []
+    for rd in collect_runs(run_dirs):
+        m = json.loads((Path(rd) / "metrics.json").read_text())
+        for bench, b in m.get("benchmarks", {}).items():
+            row = {"run": Path(rd).name, "model": m.get("model"), "method": m.get("method", "none"),
+                   "options": _fmt_opts(m.get("method_options")), "bench": bench, "metric": b.get("headline_name"),
+                   "score": b.get("headline"), "higher_is_better": b.get("higher_is_better", True),
+                   "visual_tokens": b.get("visual_tokens_after"), "visual_tokens_before": b.get("visual_tokens_before"),
+                   "latency_ms": (b["latency_s"] * 1e3) if isinstance(b.get("latency_s"), (int, float)) else None,
+                   "n": b.get("n"), "n_errors": b.get("n_errors"), "score_error": b.get("score_error")}
+            for name, path in _SECONDARY.get(bench, []):
+                row[f"{bench}.{name}"] = _get(b, path)
+            rows.append(row)
+    df = pd.DataFrame(rows)
+    if df.empty:
+        return df
+    for col in ("baseline_score", "delta", "rel_score", "speedup", "token_ratio"):
+        df[col] = None
+    for (model, bench), grp in df.groupby(["model", "bench"], sort=False):
+        base = grp[grp["method"] == "none"]
+        if base.empty:
+            continue
+        b = base.iloc[0]
+        for i in grp.index:
+            s, bs = df.at[i, "score"], b["score"]
+            if _num(s) and _num(bs):
+                df.at[i, "baseline_score"] = bs
+                df.at[i, "delta"] = s - bs
+                df.at[i, "rel_score"] = s / bs if bs else None
+            if _num(df.at[i, "latency_ms"]) and _num(b["latency_ms"]) and df.at[i, "latency_ms"]:
+                df.at[i, "speedup"] = b["latency_ms"] / df.at[i, "latency_ms"]
+            if _num(df.at[i, "visual_tokens"]) and _num(b["visual_tokens"]) and b["visual_tokens"]:
+                df.at[i, "token_ratio"] = df.at[i, "visual_tokens"] / b["visual_tokens"]
+    return df
+
+
+def _num(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and not math.isnan(x)
+
+
+def _md_cell(v) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return ""
+    if isinstance(v, float):
+        return f"{v:+.4f}" if False else f"{v:.4g}"
+    return str(v).replace("|", "\\|")
+
+
+def to_markdown(df, columns: Sequence[str]) -> str:
+    cols = [c for c in columns if c in df.columns]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for _, r in df.iterrows():
+        cells = []
+        for c in cols:
+            v = r[c]
+            if c == "delta" and _num(v):
+                cells.append(f"{v:+.4g}")
+            else:
+                cells.append(_md_cell(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+MD_COLUMNS = ("run", "method", "options", "bench", "metric", "score", "delta", "rel_score", "visual_tokens",
+              "token_ratio", "latency_ms", "speedup", "n", "n_errors")
+
+
+def _plot(df, bench: str, x: str, xlabel: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    sub = df[(df["bench"] == bench) & df["score"].map(_num) & df[x].map(_num)]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method, grp in sub.groupby("method", sort=False):
+        grp = grp.sort_values(x)
+        marker = "*" if method == "none" else "o"
+        ax.plot(grp[x], grp["score"], marker=marker, markersize=10 if method == "none" else 6,
+                linestyle="-" if len(grp) > 1 else "none", label="baseline" if method == "none" else method)
+        for _, r in grp.iterrows():
+            if r["options"] != "-":
+                ax.annotate(r["options"], (r[x], r["score"]), fontsize=7, textcoords="offset points", xytext=(3, 3))
+    metric = sub["metric"].dropna().iloc[0] if not sub.empty and sub["metric"].notna().any() else "score"
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(metric)
+    ax.set_title(f"{bench}: {metric} vs {xlabel}")
+    ax.grid(alpha=0.3)
+    if not sub.empty:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> dict:
+    """Write ``report.md``, ``report.csv`` and ``<bench>_score_vs_{tokens,latency}.png`` into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    df = build_table(run_dirs)
+    if df.empty:
+        raise ValueError("no benchmark results found in the given runs")
+    csv_path = out / "report.csv"
+    df.to_csv(csv_path, index=False)
+    parts = ["# vtoolkit report\n", f"Runs: {', '.join(sorted(set(df['run'])))}\n",
+             "Baseline = method `none` on the same model and benchmark. `delta` = score - baseline; "
+             "`speedup` = baseline latency / latency (per sample, same batch settings); "
+             "`visual_tokens` = mean visual tokens per sample reaching the LLM.\n"]
+    plots = []
+    for bench in dict.fromkeys(df["bench"]):
+        sub = df[df["bench"] == bench]
+        parts.append(f"\n## {bench}\n\n")
+        parts.append(to_markdown(sub, MD_COLUMNS))
+        sec = [c for c in sub.columns if c.startswith(f"{bench}.")]
+        if sec:
+            parts.append("\n" + to_markdown(sub, ("run",) + tuple(sec)))
+        errs = sub[sub["score_error"].notna()] if "score_error" in sub else sub.iloc[0:0]
+        for _, r in errs.iterrows():
+            parts.append(f"\n- {r['run']}: scoring failed: {r['score_error']}\n")
+        for x, label, tag in (("visual_tokens", "visual tokens kept per sample", "tokens"),
+                              ("latency_ms", "latency per sample (ms)", "latency")):
+            p = out / f"{bench}_score_vs_{tag}.png"
+            _plot(df, bench, x, label, p)
+            plots.append(p)
+            parts.append(f"\n![{bench} score vs {tag}]({p.name})\n")
+    md_path = out / "report.md"
+    md_path.write_text("".join(parts), encoding="utf-8")
+    return {"markdown": md_path, "csv": csv_path, "plots": plots, "table": df}
