@@ -431,7 +431,7 @@ class _NltkBackend:
 
             wnl = WordNetLemmatizer()
             wnl.lemmatize("dogs", "n")  # force the lazy WordNet load now
-            _SHARED.update(tagger=PerceptronTagger(), wnl=wnl, lemma_cache={},
+            _SHARED.update(tagger=_FastPerceptron(PerceptronTagger()), wnl=wnl, lemma_cache={},
                            pos={"J": wordnet.ADJ, "V": wordnet.VERB, "N": wordnet.NOUN, "R": wordnet.ADV})
         self._tagger = _SHARED["tagger"]
         self._wnl = _SHARED["wnl"]
@@ -458,6 +458,72 @@ class _NltkBackend:
             if lemma is None:
                 lemma = cache[key] = self._wnl.lemmatize(tok, pos=pos)
             out.append(lemma)
+        return out
+
+
+class _FastPerceptron:
+    """``PerceptronTagger.tag`` with the same features, tag dictionary and float arithmetic, but scores accumulated in
+    dense per-feature numpy rows instead of per-label dict updates (about 3x faster on captions).
+
+    Exactness: NLTK adds ``value * weight`` to ``scores[label]`` feature by feature in the features' insertion order;
+    here the same products are added in the same order, labels absent from a feature add ``0.0`` (``x + 0.0 == x``),
+    and ties are broken like NLTK's ``max(classes, key=(score, label))`` (the largest label among the best scores).
+    ``tests/test_scorers_chair.py`` checks tag-for-tag equality with NLTK's own tagger.
+    """
+
+    def __init__(self, tagger):
+        import numpy as np
+
+        self._np = np
+        self.nltk_tagger = tagger
+        self._weights = tagger.model.weights
+        self._classes = sorted(tagger.model.classes)
+        self._index = {c: i for i, c in enumerate(self._classes)}
+        self._rows: Dict[str, object] = {}
+        self._tagdict = tagger.tagdict
+
+    def _row(self, feat):
+        row = self._rows.get(feat)
+        if row is None:
+            w = self._weights.get(feat)
+            if w is None:
+                self._rows[feat] = row = False
+            else:
+                row = self._np.zeros(len(self._classes))
+                for label, weight in w.items():
+                    row[self._index[label]] = weight
+                self._rows[feat] = row
+        return row
+
+    def predict(self, features) -> str:
+        np = self._np
+        acc = np.zeros(len(self._classes))
+        rows = self._rows
+        for feat, value in features.items():
+            row = rows.get(feat)
+            if row is None:
+                row = self._row(feat)
+            if row is False or value == 0:
+                continue
+            if value == 1:
+                acc += row
+            else:
+                acc += value * row
+        best = np.flatnonzero(acc == acc.max())
+        return self._classes[int(best[-1])]
+
+    def tag(self, tokens: Sequence[str]) -> List[Tuple[str, str]]:
+        t = self.nltk_tagger
+        prev, prev2 = t.START
+        context = t.START + [t.normalize(w) for w in tokens] + t.END
+        out = []
+        for i, word in enumerate(tokens):
+            tag = self._tagdict.get(word)
+            if not tag:
+                tag = self.predict(t._get_features(i, word, context, prev, prev2))
+            out.append((word, tag))
+            prev2 = prev
+            prev = tag
         return out
 
 
