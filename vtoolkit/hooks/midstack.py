@@ -16,6 +16,9 @@ from typing import Callable
 
 import torch
 
+from vtoolkit.hooks.sequence import is_identity, keep_plan
+from vtoolkit.kernels import gather_kept
+
 
 class MidStackPruner:
     def __init__(self, adapter, ctx, layer: int, select: Callable):
@@ -62,20 +65,8 @@ class MidStackPruner:
         B, L = ids.shape
         m2 = self.ctx.inputs.get("attention_mask")
         nonpad = m2.bool() if m2 is not None else torch.ones(B, L, dtype=torch.bool, device=ids.device)
-        rows = []
-        for b in range(B):
-            keep = nonpad[b] & ~vis[b]
-            keep[keep_visual[b].to(keep.device)] = True
-            rows.append(keep.nonzero().flatten())
-        K = max(r.numel() for r in rows)
-        keep_idx = torch.zeros(B, K, dtype=torch.long, device=ids.device)
-        valid = torch.zeros(B, K, dtype=torch.bool, device=ids.device)
-        for b, r in enumerate(rows):
-            pad = K - r.numel()
-            keep_idx[b, :pad] = torch.arange(pad, device=ids.device)
-            keep_idx[b, pad:] = r
-            valid[b, pad:] = True
-        if K == L and bool((keep_idx == torch.arange(L, device=ids.device)).all()):
+        keep_idx, valid = keep_plan(vis, nonpad, keep_visual)
+        if is_identity(keep_idx, L):
             return  # nothing dropped: the layers run unchanged
         self.plan = {"L": L, "keep_idx": keep_idx, "valid": valid, "prefill_mask": None}
 
@@ -98,9 +89,7 @@ class MidStackPruner:
         keep_idx, valid = p["keep_idx"], p["valid"]
         B, K = keep_idx.shape
         if hidden.shape[1] == p["L"] and i == self.layer:          # prefill: shrink the sequence
-            from vtoolkit.hooks.sequence import _gather_kept
-
-            new_hidden, _, _ = _gather_kept(hidden, keep_idx, None, None)
+            new_hidden, _, _ = gather_kept(hidden, keep_idx, None, None)
             pe = kwargs.get("position_embeddings")
             if pe is not None:
                 kwargs["position_embeddings"] = tuple(

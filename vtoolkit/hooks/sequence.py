@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 
 from vtoolkit.hooks.context import cache_length
+from vtoolkit.kernels import gather_kept
 
 POLICIES = ("contiguous", "original")
 
@@ -34,10 +35,36 @@ class PrunePlan:
     shift: torch.Tensor         # [B] tokens dropped per sample (non-pad L_b - kept_b)
 
 
-def _gather_kept(hidden, keep_idx, position_ids, attention_mask):
-    from vtoolkit.kernels import gather_kept
+def keep_plan(vis: torch.Tensor, nonpad: torch.Tensor, keep_visual) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which source positions each sample keeps, as a left-padded rectangle.
 
-    return gather_kept(hidden, keep_idx, position_ids, attention_mask)
+    ``vis``/``nonpad``: ``[B, L]`` bool; ``keep_visual[b]``: the visual positions sample ``b`` keeps (``None``: all).
+    Every non-pad text token is kept. Returns ``keep_idx [B, K]`` (sorted; the ``K - n_b`` leading pad slots point at
+    positions ``0..K-n_b-1``, which are the original pads when nothing is dropped) and ``valid [B, K]``.
+    """
+    B, L = vis.shape
+    rows = []
+    for b in range(B):
+        keep = nonpad[b] & ~vis[b]
+        if keep_visual[b] is None:
+            keep = keep | (vis[b] & nonpad[b])
+        else:
+            keep[keep_visual[b].to(keep.device)] = True
+        rows.append(keep.nonzero().flatten())
+    K = max(r.numel() for r in rows)
+    keep_idx = torch.empty(B, K, dtype=torch.long, device=vis.device)
+    valid = torch.zeros(B, K, dtype=torch.bool, device=vis.device)
+    for b, r in enumerate(rows):
+        pad = K - r.numel()
+        keep_idx[b, :pad] = torch.arange(pad, device=vis.device)
+        keep_idx[b, pad:] = r
+        valid[b, pad:] = True
+    return keep_idx, valid
+
+
+def is_identity(keep_idx: torch.Tensor, length: int) -> bool:
+    """True when the plan keeps every position of every sample (nothing to rewrite)."""
+    return keep_idx.shape[1] == length and bool((keep_idx == torch.arange(length, device=keep_idx.device)).all())
 
 
 class SequencePruner:
@@ -92,32 +119,17 @@ class SequencePruner:
             raise ValueError("vtoolkit pruning needs a 2-D attention_mask (or none), got a "
                              f"{mask.dim()}-D mask")
         nonpad = mask2d.bool() if mask2d is not None else torch.ones(B, L, dtype=torch.bool, device=ids.device)
-        rows = []
-        for b in range(B):
-            keep = nonpad[b] & ~vis[b]
-            kv = keep_visual[b]
-            if kv is None:
-                keep = keep | vis[b]
-            else:
-                keep[kv.to(keep.device)] = True
-            rows.append(keep.nonzero().flatten())
-        K = max(r.numel() for r in rows)
-        keep_idx = torch.empty(B, K, dtype=torch.long, device=ids.device)
-        valid = torch.zeros(B, K, dtype=torch.bool, device=ids.device)
-        for b, r in enumerate(rows):
-            pad = K - r.numel()
-            keep_idx[b, :pad] = torch.arange(pad, device=ids.device)   # point pad slots at leading positions
-            keep_idx[b, pad:] = r
-            valid[b, pad:] = True
+        keep_idx, valid = keep_plan(vis, nonpad, keep_visual)
+        K = keep_idx.shape[1]
         shift = nonpad.sum(1) - valid.sum(1)
         self.plan = PrunePlan(L, keep_idx, valid, shift)
-        if K == L and bool((keep_idx == torch.arange(L, device=ids.device)).all()):
+        if is_identity(keep_idx, L):
             return None  # nothing dropped anywhere: the batch is already what the LLM should see
 
         pos = kwargs.get("position_ids")
         if pos is None and self.positions == "original":
             pos = torch.arange(L, device=ids.device).expand(B, L)
-        new_emb, new_pos, new_mask = _gather_kept(emb, keep_idx, pos, mask2d)
+        new_emb, new_pos, new_mask = gather_kept(emb, keep_idx, pos, mask2d)
         new_mask = valid.to(mask2d.dtype if mask2d is not None else torch.long)
         if new_pos is not None:
             contiguous = (valid.long().cumsum(-1) - 1).masked_fill(~valid, 0)
