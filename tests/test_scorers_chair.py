@@ -8,9 +8,19 @@ from pathlib import Path
 import pytest
 
 from vtoolkit.eval.scorers import chair as chair_mod
-from vtoolkit.eval.scorers.chair import (CHAIR, SYNONYMS_TXT, ChairResourceError, build_gt_from_coco,
-                                         default_double_words, load_captions, load_gt, parse_synonyms, score_chair,
-                                         score_chair_files, singularize)
+from vtoolkit.eval.scorers.chair import (
+    CHAIR,
+    SYNONYMS_TXT,
+    ChairResourceError,
+    build_gt_from_coco,
+    default_double_words,
+    load_captions,
+    load_gt,
+    parse_synonyms,
+    score_chair,
+    score_chair_files,
+    singularize,
+)
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 CH = DATA / "chair"

@@ -4,8 +4,14 @@ from pathlib import Path
 
 import pytest
 
-from vtoolkit.eval.scorers.mme import (COGNITION_TASKS, MME_RULES, PERCEPTION_TASKS, parse_mme_answer,
-                                       read_mme_task_file, score_mme_dir)
+from vtoolkit.eval.scorers.mme import (
+    COGNITION_TASKS,
+    MME_RULES,
+    PERCEPTION_TASKS,
+    parse_mme_answer,
+    read_mme_task_file,
+    score_mme_dir,
+)
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 MME = DATA / "mme"

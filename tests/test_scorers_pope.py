@@ -4,8 +4,16 @@ from pathlib import Path
 
 import pytest
 
-from vtoolkit.eval.scorers.pope import (POPE_RULES, load_pope_answers, load_pope_labels, load_pope_questions,
-                                        parse_pope_answer, score_pope, score_pope_files, score_pope_splits)
+from vtoolkit.eval.scorers.pope import (
+    POPE_RULES,
+    load_pope_answers,
+    load_pope_labels,
+    load_pope_questions,
+    parse_pope_answer,
+    score_pope,
+    score_pope_files,
+    score_pope_splits,
+)
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 POPE = DATA / "pope"

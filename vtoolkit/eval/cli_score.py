@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 from enum import Enum
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 
@@ -51,7 +50,7 @@ def _err_text(e: BaseException) -> str:
     return e.args[0] if isinstance(e, KeyError) and e.args else str(e)
 
 
-def _zd(z: ZeroDivision) -> Optional[str]:
+def _zd(z: ZeroDivision) -> str | None:
     return None if z == ZeroDivision.original else z.value
 
 
@@ -59,7 +58,7 @@ def _print_json(obj) -> None:
     typer.echo(json.dumps(obj, indent=2, default=str))
 
 
-def _table(title: str, columns: List[str]):
+def _table(title: str, columns: list[str]):
     from rich.table import Table
 
     t = Table(title=title)
@@ -83,12 +82,12 @@ def _pct(v) -> str:
 
 @score_app.command("pope")
 def pope_cmd(
-    answers: List[Path] = typer.Option(..., "--answers", "-a", help="answers file (JSONL/JSON; keys answer|text|"
+    answers: list[Path] = typer.Option(..., "--answers", "-a", help="answers file (JSONL/JSON; keys answer|text|"
                                        "prediction); repeat once per split"),
-    questions: List[Path] = typer.Option(..., "--questions", "-q", help="POPE question file with labels (JSONL or "
+    questions: list[Path] = typer.Option(..., "--questions", "-q", help="POPE question file with labels (JSONL or "
                                          "JSON array); repeat, paired in order with --answers"),
     rule: PopeRule = typer.Option(PopeRule.official, "--rule", help="answer-parsing rule of the original scorer"),
-    answer_key: Optional[str] = typer.Option(None, "--answer-key", help="read answers from this key only"),
+    answer_key: str | None = typer.Option(None, "--answer-key", help="read answers from this key only"),
     align: str = typer.Option("auto", "--align", help="auto (check question ids if present) | position | "
                               "question_id (reorder answers by id)"),
     zero_division: ZeroDivision = typer.Option(ZeroDivision.original, "--zero-division",
@@ -124,24 +123,24 @@ def pope_cmd(
 def chair_cmd(
     captions: Path = typer.Option(..., "--captions", "-c", help="generated captions: JSONL/JSON with image_id + "
                                   "caption (OPERA/HALC logs), or {'imgToEval': ...}"),
-    gt: Optional[Path] = typer.Option(None, "--gt", "-g", help="prebuilt ground truth {image_id: [objects]} "
+    gt: Path | None = typer.Option(None, "--gt", "-g", help="prebuilt ground truth {image_id: [objects]} "
                                       "(.json or .json.gz)"),
-    gt_overlay: Optional[Path] = typer.Option(None, "--gt-overlay", help="per-image GT replacements applied on top "
+    gt_overlay: Path | None = typer.Option(None, "--gt-overlay", help="per-image GT replacements applied on top "
                                               "of --gt (e.g. the pattern-variant diff)"),
-    coco_annotations: Optional[Path] = typer.Option(None, "--coco-annotations", help="instead of --gt: COCO 2014 "
+    coco_annotations: Path | None = typer.Option(None, "--coco-annotations", help="instead of --gt: COCO 2014 "
                                                     "annotations dir (instances_* + captions_*); slow"),
     variant: ChairVariant = typer.Option(ChairVariant.opera, "--variant", help="opera (NLTK WordNet; OPERA/HALC/"
                                          "lmms-eval) or original (pattern singularize; Rohrbach et al.)"),
     image_id_key: str = typer.Option("image_id", "--image-id-key"),
     caption_key: str = typer.Option("caption", "--caption-key"),
-    synonyms: Optional[Path] = typer.Option(None, "--synonyms", help="custom synonym file (one line per object, "
+    synonyms: Path | None = typer.Option(None, "--synonyms", help="custom synonym file (one line per object, "
                                             "'node, syn1, syn2')"),
     unknown_image: str = typer.Option("error", "--unknown-image", help="error | empty (original behaviour)"),
     zero_division: ZeroDivision = typer.Option(ZeroDivision.original, "--zero-division",
                                                help="original/raise: like the scripts; zero: report 0"),
     nltk_compat: str = typer.Option("3.9", "--nltk-compat", help="3.9 (tokens as NLTK 3.9.1-3.10.0, reproduces "
                                     "published Len) | installed"),
-    save: Optional[Path] = typer.Option(None, "--save", help="write overall + per-caption details to this JSON"),
+    save: Path | None = typer.Option(None, "--save", help="write overall + per-caption details to this JSON"),
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
 ) -> None:
     """CHAIRs, CHAIRi, Recall and Len of generated captions against COCO ground-truth objects."""

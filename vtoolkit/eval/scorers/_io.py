@@ -12,7 +12,7 @@ from typing import Any, Union
 
 PathLike = Union[str, Path]
 
-__all__ = ["read_json_records", "read_json_any", "vlmevalkit_yorn", "first_key"]
+__all__ = ["first_key", "read_json_any", "read_json_records", "vlmevalkit_yorn"]
 
 
 def _read_text(path: PathLike) -> str:

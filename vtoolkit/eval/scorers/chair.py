@@ -64,27 +64,28 @@ import functools
 import math
 import os
 import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, FrozenSet, Iterable, List, Literal, Mapping, Optional, Sequence, Tuple, Union
+from typing import Literal
 
 from vtoolkit.eval.scorers._io import PathLike, first_key, read_json_any, read_json_records
 
 __all__ = [
-    "SYNONYMS_TXT",
-    "CHAIR_VARIANTS",
-    "ChairResourceError",
     "CHAIR",
+    "CHAIR_VARIANTS",
+    "SYNONYMS_TXT",
     "CaptionWords",
+    "ChairResourceError",
     "ChairResult",
-    "singularize",
-    "parse_synonyms",
-    "default_double_words",
-    "load_gt",
     "build_gt_from_coco",
+    "default_double_words",
     "load_captions",
+    "load_gt",
+    "parse_synonyms",
     "score_chair",
     "score_chair_files",
+    "singularize",
 ]
 
 Variant = Literal["opera", "original", "wordnet", "pattern"]
@@ -192,7 +193,7 @@ SYNONYMS_TXT = (
 )
 
 
-def parse_synonyms(synonyms: Union[str, PathLike, Sequence[Sequence[str]], None] = None) -> List[List[str]]:
+def parse_synonyms(synonyms: str | PathLike | Sequence[Sequence[str]] | None = None) -> list[list[str]]:
     """Parse a synonym list: each line ``node, syn1, syn2, ...`` (split on ``", "`` after ``strip()``).
 
     ``None`` gives the built-in COCO list. A ``Path`` (or an existing file name) is read; a string with a newline is
@@ -222,7 +223,7 @@ _ANIMALS = ("bird", "cat", "dog", "horse", "sheep", "cow", "elephant", "bear", "
 _VEHICLES = ("jet", "train")
 
 
-def default_double_words() -> Dict[str, str]:
+def default_double_words() -> dict[str, str]:
     """The COCO double-word table ``D`` of the originals (55 entries), ``{"w1 w2": replacement}``."""
     d = {w: w for w in _DOUBLE_IDENTITY}
     for a in _ANIMALS:
@@ -246,9 +247,7 @@ def default_double_words() -> Dict[str, str]:
 #   then the ordered suffix rules below (note "([m|l])ice" is a character class, so "slice" -> "slouse", and
 #   "([octop|vir])i" likewise); finally a bare trailing "s" is dropped ("bus" -> "bu", "glass" -> "glas").
 _PREPOSITIONS = frozenset(
-    "about before during of till above behind except off to across below for on under after beneath from onto "
-    "until among beside in out unto around besides into over upon at between near since with athwart betwixt "
-    "beyond but by".split())
+    ["about", "before", "during", "of", "till", "above", "behind", "except", "off", "to", "across", "below", "for", "on", "under", "after", "beneath", "from", "onto", "until", "among", "beside", "in", "out", "unto", "around", "besides", "into", "over", "upon", "at", "between", "near", "since", "with", "athwart", "betwixt", "beyond", "but", "by"])
 _UNCHANGED_SUFFIX_OF = (
     # uninflected
     "bison debris headquarters pincers trout bream diabetes herpes pliers tuna breeches djinn high-jinks proceedings "
@@ -261,10 +260,7 @@ _UNCHANGED_SUFFIX_OF = (
     "sand").split()
 # pattern lists "^pie" and "^tie" here too; written with a literal "^" they can never match, which is why "ties"
 # becomes "ty". They are omitted: the behaviour is identical.
-_IE_DIMINUTIVES = tuple(x + "s" for x in (
-    "alergie cutie hoagie newbie softie veggie auntie doggie hottie nightie sortie weenie beanie eyrie indie oldie "
-    "stoolie yuppie birdie freebie junkie sweetie zombie bogie goonie laddie pixie techie bombie groupie laramie "
-    "quickie collie hankie lingerie reverie toughie cookie hippie meanie rookie valkyrie").split())
+_IE_DIMINUTIVES = tuple(x + "s" for x in ["alergie", "cutie", "hoagie", "newbie", "softie", "veggie", "auntie", "doggie", "hottie", "nightie", "sortie", "weenie", "beanie", "eyrie", "indie", "oldie", "stoolie", "yuppie", "birdie", "freebie", "junkie", "sweetie", "zombie", "bogie", "goonie", "laddie", "pixie", "techie", "bombie", "groupie", "laramie", "quickie", "collie", "hankie", "lingerie", "reverie", "toughie", "cookie", "hippie", "meanie", "rookie", "valkyrie"])
 _IRREGULAR_ENDINGS = tuple(tuple(p.split(":")) for p in (  # checked in this (alphabetical) order
     "atlantes:atlas atlases:atlas axes:axe beeves:beef brethren:brother children:child corpora:corpus "
     "corpuses:corpus ephemerides:ephemeris feet:foot ganglia:ganglion geese:goose genera:genus genii:genie "
@@ -347,7 +343,7 @@ class ChairResourceError(LookupError):
     """NLTK (or one of its data packages) needed by the CHAIR scorer is missing."""
 
 
-def _nltk_resource_names() -> Dict[str, Tuple[str, str]]:
+def _nltk_resource_names() -> dict[str, tuple[str, str]]:
     """{role: (nltk.data.find path, nltk.download name)} for the installed NLTK version."""
     import nltk
 
@@ -411,7 +407,7 @@ class _NltkBackend:
             # tokenizer. This keeps tokens (hence Len) identical to the fixtures whatever NLTK >= 3.9 is installed.
             class _Tok(NLTKWordTokenizer):
                 STARTING_QUOTES = list(NLTKWordTokenizer.STARTING_QUOTES[:-1]) + [
-                    (re.compile(r"(?i)(\')(?!re|ve|ll|m|t|s|d|n)(\w)\b", re.U), r"\1 \2")]
+                    (re.compile(r"(?i)(\')(?!re|ve|ll|m|t|s|d|n)(\w)\b", re.UNICODE), r"\1 \2")]
 
             self._word_tok = _Tok()
         elif compat == "installed":
@@ -439,13 +435,13 @@ class _NltkBackend:
         self._lemma_cache = _SHARED["lemma_cache"]
 
     @functools.lru_cache(maxsize=100_000)  # noqa: B019 - backends are process-wide singletons
-    def tokenize(self, text: str) -> Tuple[str, ...]:
+    def tokenize(self, text: str) -> tuple[str, ...]:
         """``nltk.word_tokenize(text)`` (punkt sentence split, then the NLTK word tokenizer per sentence)."""
         if self._word_tok is None:
             return tuple(self._word_tokenize(text))
         return tuple(tok for sent in self._sent_tokenize(text) for tok in self._word_tok.tokenize(sent))
 
-    def lemmatize_tagged(self, tokens: Sequence[str]) -> List[str]:
+    def lemmatize_tagged(self, tokens: Sequence[str]) -> list[str]:
         """``WordNetLemmatizer().lemmatize(tok, pos)`` with the POS from ``nltk.pos_tag(tokens)`` (OPERA)."""
         if self._tagger is None:
             self._load_tagger()
@@ -479,7 +475,7 @@ class _FastPerceptron:
         self._weights = tagger.model.weights
         self._classes = sorted(tagger.model.classes)
         self._index = {c: i for i, c in enumerate(self._classes)}
-        self._rows: Dict[str, object] = {}
+        self._rows: dict[str, object] = {}
         self._tagdict = tagger.tagdict
 
     def _row(self, feat):
@@ -512,7 +508,7 @@ class _FastPerceptron:
         best = np.flatnonzero(acc == acc.max())
         return self._classes[int(best[-1])]
 
-    def tag(self, tokens: Sequence[str]) -> List[Tuple[str, str]]:
+    def tag(self, tokens: Sequence[str]) -> list[tuple[str, str]]:
         t = self.nltk_tagger
         prev, prev2 = t.START
         context = t.START + [t.normalize(w) for w in tokens] + t.END
@@ -527,8 +523,8 @@ class _FastPerceptron:
         return out
 
 
-_BACKENDS: Dict[Tuple[str, bool], _NltkBackend] = {}
-_SHARED: Dict[str, object] = {}
+_BACKENDS: dict[tuple[str, bool], _NltkBackend] = {}
+_SHARED: dict[str, object] = {}
 
 
 def _backend(compat: str, need_tagger: bool) -> _NltkBackend:
@@ -545,17 +541,17 @@ class CaptionWords:
     """``caption_to_words`` output: mentions (synonym words), their node words, their indices in the lemma list,
     and the raw words after the double-word merge (punctuation included; their count is the caption's Len)."""
 
-    words: Tuple[str, ...]
-    node_words: Tuple[str, ...]
-    idxs: Tuple[int, ...]
-    raw_words: Tuple[str, ...]
+    words: tuple[str, ...]
+    node_words: tuple[str, ...]
+    idxs: tuple[int, ...]
+    raw_words: tuple[str, ...]
 
 
 @dataclass
 class ChairResult:
     variant: str
     overall: dict
-    per_caption: List[dict] = field(repr=False, default_factory=list)
+    per_caption: list[dict] = field(repr=False, default_factory=list)
 
     def to_dict(self, with_captions: bool = False) -> dict:
         d = {"variant": self.variant, "overall": self.overall}
@@ -592,7 +588,7 @@ class CHAIR:
     (1.0, 0.5)
     """
 
-    def __init__(self, variant: Variant = "opera", *, synonyms=None, double_words: Optional[Mapping[str, str]] = None,
+    def __init__(self, variant: Variant = "opera", *, synonyms=None, double_words: Mapping[str, str] | None = None,
                  nltk_compat: Literal["3.9", "installed"] = "3.9"):
         if variant not in _VARIANT_ALIASES:
             raise ValueError(f"unknown CHAIR variant {variant!r}; choose 'opera' (NLTK WordNet, OPERA/HALC/lmms-eval) "
@@ -601,14 +597,14 @@ class CHAIR:
         self.nltk_compat = nltk_compat
         rows = parse_synonyms(synonyms)
         self.synonym_rows = rows
-        self.objects: FrozenSet[str] = frozenset(s for r in rows for s in r)
-        self.inverse: Dict[str, str] = {s: r[0] for r in rows for s in r}
-        self.node_words: Tuple[str, ...] = tuple(dict.fromkeys(r[0] for r in rows))
-        self.double_words: Dict[str, str] = dict(default_double_words() if double_words is None else double_words)
+        self.objects: frozenset[str] = frozenset(s for r in rows for s in r)
+        self.inverse: dict[str, str] = {s: r[0] for r in rows for s in r}
+        self.node_words: tuple[str, ...] = tuple(dict.fromkeys(r[0] for r in rows))
+        self.double_words: dict[str, str] = dict(default_double_words() if double_words is None else double_words)
         self._nltk = _backend(nltk_compat, self.variant == "opera")
 
     # -- words
-    def lemmas(self, caption: str) -> List[str]:
+    def lemmas(self, caption: str) -> list[str]:
         """Lower-case, tokenize, then lemmatise (opera) or singularise (original) every token."""
         tokens = self._nltk.tokenize(caption.lower())
         if self.variant == "opera":
@@ -640,7 +636,7 @@ class CHAIR:
 
     # -- scoring
     def compute(self, captions: Iterable, gt: Mapping, *, unknown_image: Literal["error", "empty"] = "error",
-                zero_division: Optional[Literal["raise", "zero"]] = None) -> ChairResult:
+                zero_division: Literal["raise", "zero"] | None = None) -> ChairResult:
         """Score ``captions`` (an iterable of ``(image_id, caption)`` pairs or ``{"image_id", "caption"}`` dicts)
         against ``gt`` (``{image_id: iterable of node words}``)."""
         if zero_division not in (None, "raise", "zero"):
@@ -724,10 +720,10 @@ class CHAIR:
 
     # -- ground truth
     def gt_from_coco(self, instances: Sequence[Mapping], categories: Sequence[Mapping],
-                     captions: Sequence[Mapping]) -> Dict:
+                     captions: Sequence[Mapping]) -> dict:
         """GT sets from COCO annotation lists (see :func:`build_gt_from_coco`)."""
         id_to_name = {c["id"]: c["name"] for c in categories}
-        objs: Dict = {}
+        objs: dict = {}
         for ann in instances:
             name = id_to_name[ann["category_id"]]
             if name not in self.inverse:
@@ -747,7 +743,7 @@ def _is_normalised_gt(gt) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------ loaders
-def _gt_mapping_from_json(data, where: str) -> Dict:
+def _gt_mapping_from_json(data, where: str) -> dict:
     if isinstance(data, Mapping):
         if "imid_to_objects" in data and isinstance(data["imid_to_objects"], Mapping):
             data = data["imid_to_objects"]
@@ -768,7 +764,7 @@ def _gt_mapping_from_json(data, where: str) -> Dict:
     raise ValueError(f"{where}: unrecognised ground-truth format")
 
 
-def load_gt(path: PathLike, overlay: Optional[PathLike] = None) -> Dict:
+def load_gt(path: PathLike, overlay: PathLike | None = None) -> dict:
     """Load a prebuilt ground truth ``{image_id: [node words]}`` (``.json`` or ``.json.gz``; a list of records with
     ``image_id`` + ``objects``/``gt_objects``/``gt_object`` also works). ``overlay`` (same formats) replaces the sets
     of the images it lists, e.g. the pattern-variant diff."""
@@ -780,8 +776,8 @@ def load_gt(path: PathLike, overlay: Optional[PathLike] = None) -> Dict:
     return gt
 
 
-def build_gt_from_coco(annotations: Union[PathLike, Sequence[PathLike]], evaluator: Optional[CHAIR] = None,
-                       variant: Variant = "opera") -> Dict:
+def build_gt_from_coco(annotations: PathLike | Sequence[PathLike], evaluator: CHAIR | None = None,
+                       variant: Variant = "opera") -> dict:
     """Build the CHAIR ground truth from COCO annotation files.
 
     ``annotations`` is a directory holding ``instances_{train,val}2014.json`` and ``captions_{train,val}2014.json``
@@ -811,7 +807,7 @@ def build_gt_from_coco(annotations: Union[PathLike, Sequence[PathLike]], evaluat
     return _GT(ev.gt_from_coco(instances, categories, captions))
 
 
-def load_captions(path: PathLike, image_id_key: str = "image_id", caption_key: str = "caption") -> List[Tuple]:
+def load_captions(path: PathLike, image_id_key: str = "image_id", caption_key: str = "caption") -> list[tuple]:
     """Load generated captions as ``[(image_id, caption), ...]``.
 
     Accepts JSON Lines or a JSON array of ``{image_id, caption}`` objects (OPERA's released logs, HALC, Maxlinn);
@@ -845,7 +841,7 @@ def score_chair(captions: Iterable, gt: Mapping, variant: Variant = "opera", **k
 
 
 def score_chair_files(captions: PathLike, gt: PathLike, variant: Variant = "opera", *,
-                      gt_overlay: Optional[PathLike] = None, image_id_key: str = "image_id",
+                      gt_overlay: PathLike | None = None, image_id_key: str = "image_id",
                       caption_key: str = "caption", **kwargs) -> ChairResult:
     """Score a captions file against a prebuilt GT file (see :func:`load_captions`, :func:`load_gt`)."""
     return score_chair(load_captions(captions, image_id_key, caption_key), load_gt(gt, gt_overlay), variant, **kwargs)

@@ -37,16 +37,17 @@ Deviations (none changes a number on well-formed input)
 """
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Literal, Mapping, Optional, Sequence, Tuple
+from typing import Literal
 
 from vtoolkit.eval.scorers._io import PathLike, vlmevalkit_yorn
 
 __all__ = [
+    "COGNITION_TASKS",
     "MME_RULES",
     "PERCEPTION_TASKS",
-    "COGNITION_TASKS",
     "MMEItem",
     "MMEResult",
     "parse_mme_answer",
@@ -102,7 +103,7 @@ def parse_mme_answer(response: str, rule: Rule = "official") -> str:
     raise ValueError(f"unknown MME rule {rule!r}; choose one of {list(MME_RULES)}")
 
 
-def read_mme_task_file(path: PathLike) -> List[MMEItem]:
+def read_mme_task_file(path: PathLike) -> list[MMEItem]:
     """Read one eval-tool ``<subtask>.txt`` file (4 TAB-separated fields per line)."""
     p = Path(path)
     items = []
@@ -122,7 +123,7 @@ def read_mme_task_file(path: PathLike) -> List[MMEItem]:
     return items
 
 
-def read_mme_results_dir(results_dir: PathLike) -> Tuple[Dict[str, List[MMEItem]], List[str]]:
+def read_mme_results_dir(results_dir: PathLike) -> tuple[dict[str, list[MMEItem]], list[str]]:
     """Read every known ``<subtask>.txt`` in ``results_dir``; returns ``({task: items}, ignored_file_names)``."""
     d = Path(results_dir)
     if not d.is_dir():
@@ -143,11 +144,11 @@ def read_mme_results_dir(results_dir: PathLike) -> Tuple[Dict[str, List[MMEItem]
 @dataclass
 class MMEResult:
     rule: str
-    tasks: Dict[str, dict]
+    tasks: dict[str, dict]
     perception: float
     cognition: float
-    missing: List[str] = field(default_factory=list)
-    ignored: List[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
 
     @property
     def total(self) -> float:
@@ -161,15 +162,15 @@ class MMEResult:
                 "tasks": self.tasks, "missing": self.missing, "ignored": self.ignored}
 
 
-def _groups_by_position(task: str, items: Sequence[MMEItem]) -> List[List[MMEItem]]:
+def _groups_by_position(task: str, items: Sequence[MMEItem]) -> list[list[MMEItem]]:
     if len(items) % 2:
         raise ValueError(f"MME {task}: {len(items)} lines; the official tool pairs consecutive lines (2 questions per "
                          f"image), so the count must be even")
     return [list(items[i:i + 2]) for i in range(0, len(items), 2)]
 
 
-def _groups_by_image(task: str, items: Sequence[MMEItem]) -> List[List[MMEItem]]:
-    groups: Dict[str, List[MMEItem]] = {}
+def _groups_by_image(task: str, items: Sequence[MMEItem]) -> list[list[MMEItem]]:
+    groups: dict[str, list[MMEItem]] = {}
     for it in items:
         groups.setdefault(it.image, []).append(it)
     for img, g in groups.items():
@@ -210,7 +211,7 @@ def _score_task(task: str, items: Sequence[MMEItem], rule: str) -> dict:
 
 
 def score_mme(tasks: Mapping[str, Sequence[MMEItem]], rule: Rule = "official", *, strict: bool = False,
-              ignored: Optional[List[str]] = None) -> MMEResult:
+              ignored: list[str] | None = None) -> MMEResult:
     """Score ``{subtask: items}``. ``acc``/``acc_plus`` are fractions, ``score`` is in [0, 200]."""
     if rule not in MME_RULES:
         raise ValueError(f"unknown MME rule {rule!r}; choose one of {list(MME_RULES)}")

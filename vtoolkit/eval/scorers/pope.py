@@ -53,25 +53,26 @@ Deviations from the originals (all stricter, none changes a number)
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Literal, Mapping, Optional, Sequence, Union
+from typing import Literal
 
 from vtoolkit.eval.scorers._io import PathLike, first_key, read_json_records, vlmevalkit_yorn
 
 __all__ = [
-    "POPE_RULES",
     "ANSWER_KEYS",
     "LABEL_KEYS",
-    "PopeResult",
+    "POPE_RULES",
     "PopeReport",
+    "PopeResult",
+    "load_pope_answers",
+    "load_pope_labels",
+    "load_pope_questions",
     "parse_pope_answer",
     "score_pope",
-    "score_pope_splits",
-    "load_pope_questions",
-    "load_pope_labels",
-    "load_pope_answers",
     "score_pope_files",
+    "score_pope_splits",
 ]
 
 Rule = Literal["official", "opera", "vcd", "lmms_eval", "vlmevalkit"]
@@ -94,7 +95,7 @@ def _norm_label(label, where: str) -> str:
     return lab
 
 
-def parse_pope_answer(answer: str, rule: Rule = "official", label: Optional[str] = None) -> str:
+def parse_pope_answer(answer: str, rule: Rule = "official", label: str | None = None) -> str:
     """Map one free-form answer to ``"yes"``, ``"no"`` or (``lmms_eval``/``vlmevalkit`` only) ``"other"``.
 
     ``label`` is required for ``rule="vcd"`` only, because VCD's parse depends on the gold label.
@@ -145,7 +146,7 @@ class PopeResult:
     f1: float
     yes_ratio: float
     pred_yes_ratio: float
-    split: Optional[str] = None
+    split: str | None = None
     preds: list = field(default_factory=list, repr=False)
 
     def to_dict(self, with_preds: bool = False) -> dict:
@@ -211,9 +212,9 @@ def _align(answers: Sequence, labels: Sequence, answer_ids, label_ids, align: st
 
 
 def score_pope(answers: Sequence[str], labels: Sequence[str], rule: Rule = "official", *,
-               zero_division: Optional[Literal["raise", "zero"]] = None,
-               answer_ids: Optional[Sequence] = None, label_ids: Optional[Sequence] = None,
-               align: Literal["auto", "position", "question_id"] = "auto", split: Optional[str] = None) -> PopeResult:
+               zero_division: Literal["raise", "zero"] | None = None,
+               answer_ids: Sequence | None = None, label_ids: Sequence | None = None,
+               align: Literal["auto", "position", "question_id"] = "auto", split: str | None = None) -> PopeResult:
     """Score one POPE split. ``answers`` are the raw model outputs, ``labels`` the gold "yes"/"no" strings.
 
     See the module docstring for the rules, formulas and division-by-zero behaviour.
@@ -319,7 +320,7 @@ def load_pope_labels(path: PathLike) -> list:
     return [q["label"] for q in load_pope_questions(path)]
 
 
-def load_pope_answers(path: PathLike, answer_key: Optional[str] = None) -> tuple:
+def load_pope_answers(path: PathLike, answer_key: str | None = None) -> tuple:
     """Load model answers: JSON Lines / JSON array of objects with ``answer`` (official), ``text`` (VCD/LLaVA) or
     ``prediction`` (and a few other common keys), or a JSON array of plain strings.
 
@@ -343,9 +344,9 @@ def load_pope_answers(path: PathLike, answer_key: Optional[str] = None) -> tuple
     return answers, (ids if ids and all(x is not None for x in ids) else None)
 
 
-def score_pope_files(answers: Union[PathLike, Iterable[PathLike]], questions: Union[PathLike, Iterable[PathLike]],
-                     rule: Rule = "official", *, answer_key: Optional[str] = None,
-                     split_names: Optional[Sequence[str]] = None, **kwargs) -> PopeReport:
+def score_pope_files(answers: PathLike | Iterable[PathLike], questions: PathLike | Iterable[PathLike],
+                     rule: Rule = "official", *, answer_key: str | None = None,
+                     split_names: Sequence[str] | None = None, **kwargs) -> PopeReport:
     """Score answer file(s) against question file(s) (paired in order); split names default to the question stems."""
     a_list = [answers] if isinstance(answers, (str, Path)) else list(answers)
     q_list = [questions] if isinstance(questions, (str, Path)) else list(questions)
