@@ -151,5 +151,16 @@ def test_grouping_differs_by_rule(tmp_path):
     assert score_mme_dir(tmp_path, "vlmevalkit").tasks["position"]["acc_plus"] == 0.5  # image a both right
 
 
+def test_items_api_normalises_gt():
+    from vtoolkit.eval.scorers.mme import MMEItem, score_mme
+
+    items = [MMEItem("a.jpg", "Q1", "Yes", "yes"), MMEItem("a.jpg", "Q2", "No", "No")]
+    assert score_mme({"OCR": items}).tasks["OCR"]["score"] == 200.0
+    with pytest.raises(ValueError, match="GT must be Yes or No"):
+        score_mme({"OCR": [MMEItem("a.jpg", "Q1", "y", "yes"), MMEItem("a.jpg", "Q2", "No", "No")]})
+    with pytest.raises(ValueError, match="unknown MME subtask"):
+        score_mme({"ocr": items})
+
+
 def test_rules_constant():
     assert MME_RULES == ("official", "lmms_eval", "vlmevalkit")

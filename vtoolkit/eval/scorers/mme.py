@@ -184,7 +184,10 @@ def _score_task(task: str, items: Sequence[MMEItem], rule: str) -> dict:
     if not items:
         raise ValueError(f"MME {task}: no questions")
     groups = _groups_by_position(task, items) if rule == "official" else _groups_by_image(task, items)
-    correct = [[parse_mme_answer(it.response, rule) == it.gt for it in g] for g in groups]
+    for it in items:
+        if str(it.gt).strip().lower() not in ("yes", "no"):
+            raise ValueError(f"MME {task}: GT must be Yes or No, got {it.gt!r} (image {it.image!r})")
+    correct = [[parse_mme_answer(it.response, rule) == it.gt.strip().lower() for it in g] for g in groups]
     n_q = sum(len(g) for g in correct)
     n_img = len(groups)
     n_correct = sum(sum(g) for g in correct)
