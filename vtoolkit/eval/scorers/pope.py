@@ -33,6 +33,8 @@ Metrics (positive class = yes), over the N questions of one split
 - For ``lmms_eval``: TP = label yes & pred "yes", FP = label no & pred "yes", FN = label yes & pred "no",
   TN = label no & pred "no"; ``n_other`` answers are in N (accuracy) but in none of the four counts.
 - For ``vlmevalkit``: all values are fractions here (VLMEvalKit prints them x100); multiply by 100 to get its numbers.
+  An Unknown answer with a *yes* label counts in FN (VLMEvalKit's y_pred is ``extracted == "Yes"``), one with a *no*
+  label in none of the four counts; all Unknowns are in ``n_other`` and wrong for accuracy.
 
 Division by zero (``zero_division=``)
 -------------------------------------
