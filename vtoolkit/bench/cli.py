@@ -2,16 +2,26 @@
 from __future__ import annotations
 
 import json
+import time
 
 import typer
+
+
+def _fmt(x, spec: str) -> str:
+    return "-" if x is None or x != x else format(x, spec)
 
 
 def bench(shape: str = typer.Option("midsize", help="midsize (CLIP-L/336 + 16x2048 Llama, bf16) or tiny"),
           method: str = typer.Option("fastervlm", help="method to benchmark"),
           keep_ratios: str = typer.Option("0.25,0.10,0.05", help="comma-separated keep_ratio values"),
           batch_size: int = typer.Option(1, min=1), decode_tokens: int = typer.Option(8, min=0),
-          repeats: int = typer.Option(3, min=1), out: str = typer.Option("", help="write rows as JSON here")) -> None:
-    """Benchmark a pruning method against the baseline measured in the same process."""
+          repeats: int = typer.Option(3, min=1),
+          prompt_tokens: int = typer.Option(0, min=0, help="lengthen the question to at least this many prompt "
+                                                           "tokens (image tokens included); 0: ~600 as built"),
+          llm_layers: int = typer.Option(16, min=1, help="midsize: LLM layers"),
+          hidden: int = typer.Option(2048, min=64, help="midsize: LLM hidden size (heads of 128 dims)"),
+          out: str = typer.Option("", help="write rows as JSON here")) -> None:
+    """Benchmark a pruning method against the baseline measured first in the same process."""
     import torch
     from rich.console import Console
     from rich.table import Table
@@ -19,26 +29,52 @@ def bench(shape: str = typer.Option("midsize", help="midsize (CLIP-L/336 + 16x20
     from vtoolkit.bench import midsize
     from vtoolkit.bench.run import run_bench
 
+    if shape not in ("midsize", "tiny"):
+        raise typer.BadParameter(f"--shape must be midsize or tiny, got {shape!r}")
+    try:
+        ratios = [float(x) for x in keep_ratios.split(",") if x.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"--keep-ratios must be comma-separated numbers, got {keep_ratios!r}") from None
     console = Console()
     torch.manual_seed(0)
+    t0 = time.perf_counter()
     with console.status(f"building the {shape} model"):
-        model, proc = midsize.build() if shape == "midsize" else midsize.tiny_shape()
-    ratios = [float(x) for x in keep_ratios.split(",") if x.strip()]
+        if shape == "midsize":
+            model, proc = midsize.build(llm_layers=llm_layers, hidden=hidden, heads=max(1, hidden // 128),
+                                        kv_heads=max(1, hidden // 128), intermediate=int(hidden * 2.75))
+        else:
+            model, proc = midsize.tiny_shape()
+    console.log(f"built the {shape} model in {time.perf_counter() - t0:.1f} s")
     rows = run_bench(model, proc, [(method, {"keep_ratio": r}) for r in ratios], batch_size=batch_size,
-                     decode_tokens=decode_tokens, repeats=repeats, progress=lambda s: console.log(f"measuring {s}"))
-    table = Table(title=f"{method} on {shape} ({rows[0]['dtype']}, {rows[0]['device']}, batch {batch_size})")
-    for col in ("setting", "LLM tokens", "prefill s", "x base", "analytic", "decode s/tok", "x base ", "peak GB"):
-        table.add_column(col)
+                     prompt_tokens=prompt_tokens or None, decode_tokens=decode_tokens, repeats=repeats,
+                     progress=lambda s: console.log(f"measuring {s}"))
+    b = rows[0]
+    table = Table(title=f"{method} on {shape} ({b['dtype']}, {b['device']}, batch {b['batch_size']}, "
+                        f"{b['prompt_tokens']} prompt tokens)",
+                  caption="x base: measured ratio to the baseline row; bound: analytic FLOPs ratio (the vision tower "
+                          "is not pruned, so the prefill bound stays well above keep_ratio)")
+    for col in ("setting", "visual", "LLM tokens", "prefill s", "x base", "bound", "decode s/tok", "x base",
+                "bound", "peak GB", "+GB"):
+        table.add_column(col, justify="left" if col == "setting" else "right")
     for r in rows:
-        setting = "baseline" if r["method"] == "baseline" else f"keep_ratio={r.get('keep_ratio')}"
-        table.add_row(setting, str(r["llm_tokens"]), f"{r['prefill_s']:.3f}", f"{r['prefill_ratio']:.3f}",
-                      f"{r['analytic_prefill_ratio']:.3f}", f"{r['decode_s_per_token']:.4f}",
-                      f"{r['decode_ratio']:.3f}" if r["decode_ratio"] is not None else "-",
-                      f"{r['peak_mem_bytes'] / 1e9:.2f}")
+        setting = "baseline" if r["method"] == "baseline" else f"{r['method']} keep_ratio={r.get('keep_ratio')}"
+        table.add_row(setting, str(r["visual_tokens"]), str(r["llm_tokens_after_pruning"]), _fmt(r["prefill_s"], ".3f"),
+                      _fmt(r["prefill_ratio"], ".3f"), _fmt(r["analytic_prefill_ratio"], ".3f"),
+                      _fmt(r["decode_s_per_token"], ".4f"), _fmt(r["decode_ratio"], ".3f"),
+                      _fmt(r["analytic_decode_ratio"], ".3f"), _fmt(r["peak_mem_bytes"] / 1e9, ".2f"),
+                      _fmt(r["peak_mem_delta_bytes"] / 1e9, ".2f"))
     console.print(table)
+    loads = [r["load_per_core"] for r in rows if r["load_per_core"] is not None]
+    if loads and max(loads) > 1.5:
+        console.print(f"[yellow]warning: machine load reached {max(loads):.1f} per core during the run: other "
+                      f"processes competed for the CPU and the timings are noisy[/yellow]")
+    if any(r["decode_s_per_token"] == r["decode_s_per_token"] and r["decode_s_per_token"] <= 0 for r in rows):
+        console.print("[yellow]warning: a non-positive decode time means noise exceeded the decode cost: raise "
+                      "--decode-tokens or --repeats[/yellow]")
     if out:
         with open(out, "w") as fh:
             json.dump(rows, fh, indent=2)
+        console.log(f"wrote {len(rows)} rows to {out}")
 
 
 def register(app: typer.Typer) -> None:

@@ -8,7 +8,8 @@ Per transformer layer over ``n`` tokens with hidden ``d``, KV width ``d_kv`` (GQ
 - MLP: SwiGLU ``3 * 2 n d m`` (LLM), GELU ``2 * 2 n d m`` (CLIP)
 
 So a Llama layer at prefill is ``4nd^2 + 4nd d_kv + 4n^2 d + 6ndm`` (the usual ``4nd^2 + 2n^2d + 3ndm`` counted in
-multiply-adds, with MHA). The vision tower runs every layer up to the feature layer; the projector is a 2-layer MLP;
+multiply-adds, with MHA). The vision tower runs all its layers (HF computes the last one too, although LLaVA reads
+layer -2) on every token incl. CLS; the projector is a 2-layer MLP on the patch tokens;
 ``lm_head`` is applied to the last position only (``generate`` keeps one logit row).
 """
 from __future__ import annotations
@@ -55,17 +56,36 @@ def projector_flops(s: Shape) -> float:
     return 2 * n * (s.vision_hidden * s.hidden + s.hidden * s.hidden)
 
 
-def prefill_flops(s: Shape, llm_tokens: int) -> float:
-    """Vision + projector + LLM prefill over ``llm_tokens`` + one lm_head row."""
-    llm = s.llm_layers * llm_layer_flops(llm_tokens, llm_tokens, s.hidden, s.kv_hidden, s.mlp)
+def _split(s: Shape, from_layer: int) -> tuple[int, int]:
+    if not 0 <= from_layer <= s.llm_layers:
+        raise ValueError(f"from_layer must be in [0, {s.llm_layers}], got {from_layer}")
+    return from_layer, s.llm_layers - from_layer
+
+
+def prefill_flops(s: Shape, llm_tokens: int, kept_tokens: int | None = None, from_layer: int = 0) -> float:
+    """Vision + projector + LLM prefill + one lm_head row, for one sample.
+
+    Without ``kept_tokens`` every LLM layer runs over ``llm_tokens``. With it, layers ``< from_layer`` run over
+    ``llm_tokens`` and the others over ``kept_tokens`` (pre-LLM pruning such as FasterVLM: ``llm_tokens`` already
+    pruned, or equivalently ``from_layer=0``; mid-stack pruning such as FastV: ``from_layer=K``)."""
+    full, pruned = _split(s, from_layer) if kept_tokens is not None else (s.llm_layers, 0)
+    kept = llm_tokens if kept_tokens is None else kept_tokens
+    llm = (full * llm_layer_flops(llm_tokens, llm_tokens, s.hidden, s.kv_hidden, s.mlp)
+           + pruned * llm_layer_flops(kept, kept, s.hidden, s.kv_hidden, s.mlp))
     return vision_flops(s) + projector_flops(s) + llm + 2 * s.hidden * s.vocab
 
 
-def decode_flops(s: Shape, context: int) -> float:
-    """One decode step attending over ``context`` cached tokens."""
-    return s.llm_layers * llm_layer_flops(1, context + 1, s.hidden, s.kv_hidden, s.mlp) + 2 * s.hidden * s.vocab
+def decode_flops(s: Shape, context: int, kept_context: int | None = None, from_layer: int = 0) -> float:
+    """One decode step attending over ``context`` cached tokens (layers ``>= from_layer`` over ``kept_context``
+    when given: their caches hold only the kept tokens)."""
+    full, pruned = _split(s, from_layer) if kept_context is not None else (s.llm_layers, 0)
+    kept = context if kept_context is None else kept_context
+    return (full * llm_layer_flops(1, context + 1, s.hidden, s.kv_hidden, s.mlp)
+            + pruned * llm_layer_flops(1, kept + 1, s.hidden, s.kv_hidden, s.mlp) + 2 * s.hidden * s.vocab)
 
 
-def prefill_ratio(s: Shape, full_tokens: int, kept_tokens: int) -> float:
-    """The analytic bound on prefill time pruned / baseline."""
-    return prefill_flops(s, kept_tokens) / prefill_flops(s, full_tokens)
+def prefill_ratio(s: Shape, full_tokens: int, kept_tokens: int, from_layer: int = 0) -> float:
+    """The analytic bound on prefill time pruned / baseline: FLOPs with ``kept_tokens`` in the LLM from layer
+    ``from_layer`` on, over FLOPs with ``full_tokens`` everywhere. The vision tower is never pruned, so this stays
+    well above ``kept_tokens / full_tokens``."""
+    return prefill_flops(s, full_tokens, kept_tokens, from_layer) / prefill_flops(s, full_tokens)

@@ -1,53 +1,159 @@
-"""Timing and memory helpers: warm-up, repeats, median; CUDA events on GPU, perf_counter on CPU."""
+"""Timing and memory helpers: warm-up, repeats, median; CUDA events on GPU, perf_counter on CPU.
+
+Latency goes through the stock ``model.generate`` (what users run): prefill = one ``generate`` with
+``max_new_tokens=1``; decode per token = ``(t(1 + n) - t(1)) / n`` with ``min_new_tokens`` set so EOS cannot stop a
+run early. The two runs are *paired* within each repeat and the median is taken over the per-repeat differences, so
+slow drifts of the machine (another job starting) cancel instead of producing a negative decode time.
+
+Peak memory: ``torch.cuda.max_memory_allocated`` on GPU (reset per measurement); on CPU the resident-set high-water
+mark ``VmHWM``, reset per measurement through ``/proc/self/clear_refs`` (Linux), else the process-lifetime
+``ru_maxrss`` (which can only grow: then only the first row is meaningful, and ``peak_resettable`` says so).
+"""
 from __future__ import annotations
 
+import os
+import re
 import resource
 import statistics
+import sys
 import time
 
 import torch
 
 
+def _is_cuda(device) -> bool:
+    return device is not None and torch.device(device).type == "cuda"
+
+
 def _sync(device) -> None:
-    if device is not None and torch.device(device).type == "cuda":
+    if _is_cuda(device):
         torch.cuda.synchronize(device)
 
 
+class _Timer:
+    """Seconds elapsed around a block: CUDA events on a CUDA device, ``perf_counter`` otherwise."""
+
+    def __init__(self, device=None):
+        self.device = device
+        self.seconds = float("nan")
+
+    def __enter__(self):
+        if _is_cuda(self.device):
+            torch.cuda.synchronize(self.device)
+            self._start, self._end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self._start.record()
+        else:
+            self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if _is_cuda(self.device):
+            self._end.record()
+            torch.cuda.synchronize(self.device)
+            self.seconds = self._start.elapsed_time(self._end) / 1e3
+        else:
+            self.seconds = time.perf_counter() - self._t0
+
+
+def time_once(fn, device=None) -> float:
+    with _Timer(device) as t:
+        fn()
+    return t.seconds
+
+
 def timed(fn, repeats: int = 3, warmup: int = 1, device=None) -> float:
-    """Median wall time of ``fn()`` in seconds."""
+    """Median wall time of ``fn()`` in seconds over ``repeats`` runs after ``warmup`` runs."""
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(time_once(fn, device) for _ in range(repeats))
+
+
+# -- memory -----------------------------------------------------------------------------------------------------
+_STATUS = "/proc/self/status"
+_CLEAR_REFS = "/proc/self/clear_refs"
+
+
+def _vm_hwm_bytes() -> int | None:
+    try:
+        with open(_STATUS) as fh:
+            m = re.search(r"^VmHWM:\s+(\d+)\s*kB", fh.read(), re.M)
+        return int(m.group(1)) * 1024 if m else None
+    except OSError:
+        return None
+
+
+def _current_rss_bytes() -> int | None:
+    try:
+        with open(_STATUS) as fh:
+            m = re.search(r"^VmRSS:\s+(\d+)\s*kB", fh.read(), re.M)
+        return int(m.group(1)) * 1024 if m else None
+    except OSError:
+        return None
+
+
+def reset_peak(device=None) -> bool:
+    """Reset the peak-memory counter; returns whether a reset was possible."""
+    if _is_cuda(device):
+        torch.cuda.reset_peak_memory_stats(device)
+        return True
+    try:   # Linux >= 4.0: writing 5 resets the resident-set high-water mark (VmHWM) of this process
+        with open(_CLEAR_REFS, "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def current_memory_bytes(device=None) -> int:
+    """Memory in use now: ``torch.cuda.memory_allocated`` on GPU, the resident set (RSS) on CPU."""
+    if _is_cuda(device):
+        return int(torch.cuda.memory_allocated(device))
+    rss = _current_rss_bytes()
+    return rss if rss is not None else peak_memory_bytes(device)
 
 
 def peak_memory_bytes(device=None) -> int:
-    """Peak GPU memory allocated (CUDA) or the process's peak RSS (CPU, a high-water mark since process start)."""
-    if device is not None and torch.device(device).type == "cuda":
+    """Peak GPU memory allocated since the last :func:`reset_peak` (CUDA), or the peak resident set on CPU
+    (``VmHWM``, since the last reset where the OS supports it; otherwise ``ru_maxrss`` since process start)."""
+    if _is_cuda(device):
         return int(torch.cuda.max_memory_allocated(device))
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    hwm = _vm_hwm_bytes()
+    if hwm is not None:
+        return hwm
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss) * (1 if sys.platform == "darwin" else 1024)   # bytes on macOS, KiB on Linux
 
 
-def reset_peak(device=None) -> None:
-    if device is not None and torch.device(device).type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+# -- generate-based latency -------------------------------------------------------------------------------------
+def generate_latency(model, batch, decode_tokens: int, repeats: int, device=None, warmup: int = 1) -> dict:
+    """Prefill and decode latency through ``model.generate`` (greedy, EOS cannot stop early).
 
-
-def generate_latency(model, batch, decode_tokens: int, repeats: int, device=None) -> tuple[float, float]:
-    """(prefill seconds, decode seconds per token) through ``model.generate``; EOS cannot stop early."""
+    Returns ``{"prefill_s", "decode_s_per_token", "prefill_runs", "decode_runs"}``: medians and the per-repeat values
+    (so noise is visible). ``decode_s_per_token`` is NaN when ``decode_tokens == 0``; it is not clamped at 0, so a
+    negative value flags a measurement swamped by noise.
+    """
 
     def gen(n):
         with torch.inference_mode():
             model.generate(**batch, max_new_tokens=n, min_new_tokens=n, do_sample=False)
 
-    prefill = timed(lambda: gen(1), repeats=repeats, device=device)
-    if decode_tokens <= 0:
-        return prefill, float("nan")
-    total = timed(lambda: gen(1 + decode_tokens), repeats=repeats, device=device)
-    return prefill, max(0.0, total - prefill) / decode_tokens
+    for _ in range(warmup):
+        gen(1 + decode_tokens)
+    prefill_runs, decode_runs = [], []
+    for _ in range(repeats):
+        t1 = time_once(lambda: gen(1), device)
+        prefill_runs.append(t1)
+        if decode_tokens > 0:
+            tn = time_once(lambda: gen(1 + decode_tokens), device)
+            decode_runs.append((tn - t1) / decode_tokens)
+    return {"prefill_s": statistics.median(prefill_runs),
+            "decode_s_per_token": statistics.median(decode_runs) if decode_runs else float("nan"),
+            "prefill_runs": prefill_runs, "decode_runs": decode_runs}
+
+
+def machine_load() -> float | None:
+    """1-minute load average per CPU core (None where unavailable); above ~1 other work is competing for the CPU."""
+    try:
+        return os.getloadavg()[0] / (os.cpu_count() or 1)
+    except (OSError, AttributeError):
+        return None

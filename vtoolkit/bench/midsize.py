@@ -27,15 +27,15 @@ def build(llm_layers: int = 16, hidden: int = 2048, heads: int = 16, kv_heads: i
                        pad_token_id=tok.pad_token_id)
     cfg = LlavaConfig(vision_config=vcfg, text_config=tcfg, image_token_id=tok.convert_tokens_to_ids("<image>"),
                       vision_feature_layer=-2, vision_feature_select_strategy="default")
-    with no_init_weights():
-        model = LlavaForConditionalGeneration(cfg).to(dtype)
+    with no_init_weights():   # allocated directly in ``dtype`` (no fp32 copy); rotary inv_freq stays fp32 as when loaded
+        model = LlavaForConditionalGeneration._from_config(cfg, dtype=dtype)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() == 1:
                 p.fill_(1.0 if "norm" in name and "weight" in name else 0.0)
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).mul_(0.02).to(dtype))
+            else:   # in place in the target dtype: no fp32 temporary (the 65M-entry embedding alone is 262 MB)
+                p.normal_(0.0, 0.02, generator=gen)
     ip = CLIPImageProcessorPil(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
     proc = LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=14, vision_feature_select_strategy="default",
                           num_additional_image_tokens=1)

@@ -1,4 +1,9 @@
-"""Run a pruning benchmark: the baseline first, then each method setting, all in one process on one model."""
+"""Run a pruning benchmark: the baseline first, then each method setting, all in one process on one model.
+
+Each setting is applied with the public API (``vt.apply_method(model, name, **overrides)``, removed afterwards), and
+measured through the stock ``model.generate`` (see :mod:`vtoolkit.bench.measure`). Ratios are to the baseline row,
+which is always measured first, on the same model and batch.
+"""
 from __future__ import annotations
 
 import platform
@@ -6,57 +11,108 @@ import platform
 import torch
 
 from vtoolkit.bench import flops as F
-from vtoolkit.bench.measure import generate_latency, peak_memory_bytes, reset_peak
+from vtoolkit.bench.measure import current_memory_bytes, generate_latency, machine_load, peak_memory_bytes, reset_peak
 
 DEFAULT_QUESTION = ("Is there a dog in the image? Answer the question using a single word or phrase. "
                     "Look carefully at every object.")
+_FILLER = " Consider the colors, the shapes and the position of each object in the scene."
 
 
-def make_batch(model, processor, batch_size: int, question: str = DEFAULT_QUESTION, image_size=(400, 300)):
+def make_batch(model, processor, batch_size: int, question: str = DEFAULT_QUESTION, image_size=(400, 300),
+               prompt_tokens: int | None = None):
+    """A batch of ``batch_size`` identical-length prompts (one synthetic image each). With ``prompt_tokens`` the
+    question is lengthened with filler sentences until the prompt (image tokens included) has at least that many
+    tokens; the actual length is ``batch["input_ids"].shape[1]``."""
     import vtoolkit as vt
 
     adapter = vt.models.get_adapter(model)
     images = [vt.models.tiny.demo_image(i, image_size) for i in range(batch_size)]
-    return adapter.prepare_inputs(processor, images, [question] * batch_size, device=model.device)
+
+    def build(q):
+        return adapter.prepare_inputs(processor, images, [q] * batch_size, device=model.device)
+
+    batch = build(question)
+    if prompt_tokens is not None:
+        base = batch["input_ids"].shape[1]
+        per = max(1, build(question + _FILLER)["input_ids"].shape[1] - base)
+        if base < prompt_tokens:
+            batch = build(question + _FILLER * -(-(prompt_tokens - base) // per))
+    return batch
 
 
-def run_bench(model, processor, methods, batch_size: int = 1, decode_tokens: int = 8, repeats: int = 3,
-              progress=None) -> list[dict]:
-    """``methods``: list of ``(name, overrides)``. Returns one row per setting; the first row is the baseline
-    (no method), measured in the same process; ratios are to it."""
+def _token_counts(model, batch, stats: dict) -> dict:
+    """Per-sample visual tokens before / after and the LLM sequence length the padded batch actually runs."""
     import vtoolkit as vt
 
-    batch = make_batch(model, processor, batch_size)
+    ids, mask = batch["input_ids"], batch.get("attention_mask")
+    vis_before = (ids == vt.models.get_adapter(model).image_token_id).sum(1).tolist()
+    nonpad = mask.sum(1).tolist() if mask is not None else [ids.shape[1]] * ids.shape[0]
+    vis_after = list(stats.get("visual_tokens_after") or vis_before)
+    kept = [int(n - b + a) for n, b, a in zip(nonpad, vis_before, vis_after)]
+    return {"visual_tokens_before": vis_before, "visual_tokens_after": vis_after,
+            "full_len": int(ids.shape[1]), "kept_len": max(kept),
+            "from_layer": int(stats.get("layer", 0) or 0)}   # mid-stack methods (FastV) report the first pruned layer
+
+
+def run_bench(model, processor, methods, batch_size: int = 1, prompt_tokens: int | None = None,
+              decode_tokens: int = 8, repeats: int = 3, progress=None, warmup: int = 1) -> list[dict]:
+    """Benchmark ``methods`` (a list of ``(name, overrides)``) against the untouched model.
+
+    Returns one row per setting; row 0 is the baseline (no method), measured first in this process on the same batch;
+    every row has ``prefill_s``, ``decode_s_per_token`` (medians; per-repeat values in ``*_runs``), ``peak_mem_bytes``
+    (and ``peak_mem_delta_bytes`` above the memory in use before the row), analytic ``flops_prefill`` /
+    ``flops_decode_per_token`` for the token counts the method actually kept, the visual tokens kept, and ratios to
+    the baseline: ``prefill_ratio``, ``decode_ratio``, ``analytic_prefill_ratio`` (the FLOPs bound on the prefill
+    speed-up), ``mem_ratio``.
+    """
+    import vtoolkit as vt
+
+    batch = make_batch(model, processor, batch_size, prompt_tokens=prompt_tokens)
     shape = F.Shape.from_model(model)
-    full = int(batch["input_ids"].shape[1])
     dev = model.device
+    B = int(batch["input_ids"].shape[0])
+    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+    device = str(dev) if dev.type != "cpu" else f"cpu ({platform.processor() or platform.machine()}, " \
+                                                f"{torch.get_num_threads()} threads)"
     rows = []
-    settings = [("baseline", {})] + list(methods)
-    for name, overrides in settings:
+    for name, overrides in [("baseline", {})] + list(methods):
         if progress:
-            progress(f"{name} {overrides}")
-        reset_peak(dev)
+            progress(f"{name} {overrides}" if overrides else name)
+        before = current_memory_bytes(dev)
+        resettable = reset_peak(dev)
         handle = None if name == "baseline" else vt.apply_method(model, name, **overrides)
         try:
-            prefill, decode = generate_latency(model, batch, decode_tokens, repeats, dev)
-            stats = handle.stats if handle else {}
+            lat = generate_latency(model, batch, decode_tokens, repeats, dev, warmup=warmup)
+            stats = handle.stats if handle is not None else {}
         finally:
-            if handle:
+            if handle is not None:
                 handle.remove()
-        vis_before = (batch["input_ids"][0] == vt.models.get_adapter(model).image_token_id).sum().item()
-        vis_after = stats.get("visual_tokens_after", [vis_before])[0]
-        llm_tokens = full - vis_before + vis_after
-        rows.append({"method": name, **{k: v for k, v in overrides.items()}, "batch_size": batch_size,
-                     "prompt_tokens": full, "llm_tokens": llm_tokens, "visual_tokens": vis_after,
-                     "prefill_s": prefill, "decode_s_per_token": decode, "peak_mem_bytes": peak_memory_bytes(dev),
-                     "flops_prefill": F.prefill_flops(shape, llm_tokens) * batch_size,
-                     "flops_decode_per_token": F.decode_flops(shape, llm_tokens) * batch_size})
+        peak = peak_memory_bytes(dev)
+        c = _token_counts(model, batch, stats)
+        pruned = c["kept_len"] != c["full_len"]
+        kw = dict(kept_tokens=c["kept_len"], from_layer=c["from_layer"]) if pruned else {}
+        ckw = dict(kept_context=c["kept_len"], from_layer=c["from_layer"]) if pruned else {}
+        rows.append({
+            "method": name, **overrides, "batch_size": B, "prompt_tokens": c["full_len"],
+            "llm_tokens": c["kept_len"] if c["from_layer"] == 0 else c["full_len"],
+            "llm_tokens_after_pruning": c["kept_len"], "pruned_from_layer": c["from_layer"],
+            "visual_tokens": c["visual_tokens_after"][0], "visual_tokens_per_sample": c["visual_tokens_after"],
+            "visual_tokens_before": c["visual_tokens_before"][0],
+            **lat,
+            "peak_mem_bytes": peak, "peak_mem_delta_bytes": peak - before, "peak_resettable": resettable,
+            "flops_prefill": B * F.prefill_flops(shape, c["full_len"], **kw),
+            "flops_decode_per_token": B * F.decode_flops(shape, c["full_len"], **ckw),
+            "device": device, "dtype": dtype, "load_per_core": machine_load(),
+        })
     base = rows[0]
+
+    def ratio(a, b):
+        return a / b if b and b == b and a == a and b > 0 else None   # None for 0 / NaN / negative baselines
+
     for r in rows:
-        r["prefill_ratio"] = r["prefill_s"] / base["prefill_s"]
-        r["decode_ratio"] = r["decode_s_per_token"] / base["decode_s_per_token"] if base["decode_s_per_token"] else None
+        r["prefill_ratio"] = ratio(r["prefill_s"], base["prefill_s"])
+        r["decode_ratio"] = ratio(r["decode_s_per_token"], base["decode_s_per_token"])
         r["analytic_prefill_ratio"] = r["flops_prefill"] / base["flops_prefill"]
-        r["device"] = str(dev) if dev.type != "cpu" else f"cpu ({platform.processor() or platform.machine()}, " \
-                                                          f"{torch.get_num_threads()} threads)"
-        r["dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
+        r["analytic_decode_ratio"] = r["flops_decode_per_token"] / base["flops_decode_per_token"]
+        r["mem_ratio"] = ratio(r["peak_mem_bytes"], base["peak_mem_bytes"]) if r["peak_resettable"] else None
     return rows
