@@ -230,3 +230,11 @@ def test_qwen3_vl_adapter_and_identity():
         assert torch.equal(model.generate(**batch, max_new_tokens=3, do_sample=False), base)
     with pytest.raises(NotImplementedError, match="does not support 'qwen3_vl'"):
         vt.apply_method(model, "fastervlm")
+
+
+def test_remove_leaves_no_instance_attributes(arch):
+    model, _, adapter = tiny_model(arch)
+    snapshot = {id(m): set(vars(m)) for m in model.modules()}
+    with vt.apply_method(model, "none"):
+        assert "get_image_features" in vars(adapter.core)
+    assert {id(m): set(vars(m)) for m in model.modules()} == snapshot

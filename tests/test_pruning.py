@@ -216,3 +216,24 @@ def test_budget_errors():
     with pytest.raises(TypeError, match="Did you mean 'keep_ratio'"):
         vt.apply_method(model, "fastervlm", keep_rato=0.1)
     assert vt.active_handles(model) == []
+
+
+@torch.no_grad()
+def test_unused_vision_layers_are_skipped_without_changing_outputs():
+    model, _, adapter = tiny_model("llava")
+    batch = sample_batch("llava", n=2)
+    last = adapter.vision_layers[-1]
+    calls = []
+    h0 = last.register_forward_hook(lambda m, a, o: calls.append(torch.equal(o, a[0])))
+    try:
+        outs = {}
+        for skip in (False, True):
+            calls.clear()
+            with vt.apply_method(model, "fastervlm", keep_tokens=12, skip_unused_vision_layers=skip) as h:
+                outs[skip] = model.generate(**batch, max_new_tokens=3, do_sample=False)
+                assert h.stats["vision_layers_run"] == len(adapter.vision_layers) - int(skip)
+            assert calls == [skip]          # skipped: the layer returned its input unchanged
+        assert torch.equal(outs[False], outs[True])
+        assert "forward" not in vars(last)  # the instance override is gone after remove()
+    finally:
+        h0.remove()

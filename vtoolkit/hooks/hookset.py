@@ -58,9 +58,10 @@ class HookSet:
         self._restorers.append(restorer)
 
     def set_attr(self, obj, name: str, value) -> None:
-        """Set ``obj.name = value`` and restore the old value (or delete it) on removal."""
+        """Set ``obj.name = value`` on the instance; on removal restore the old instance attribute, or delete ours when
+        there was none (so class attributes such as bound methods show through again, as before)."""
         missing = object()
-        old = getattr(obj, name, missing)
+        old = vars(obj).get(name, missing) if hasattr(obj, "__dict__") else getattr(obj, name, missing)
         setattr(obj, name, value)
 
         def restore():

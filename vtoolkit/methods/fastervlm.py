@@ -20,6 +20,9 @@ Ports and deviations (named):
   substitute the FasterVLM/VisPruner authors describe). Kept tokens keep their original M-RoPE positions
   (``positions="original"``), ``rope_deltas`` is fixed.
 - Scores come from hooked q/k of that one layer: the vision tower and the LLM keep SDPA / flash attention.
+- ``skip_unused_vision_layers=True`` (default): HF runs every CLIP layer although LLaVA reads the features of layer
+  -2; the layers after the feature layer are skipped (their output is never read, so outputs are bit-identical).
+  This is an engineering speed-up, not part of FasterVLM; ``False`` measures the method alone.
 """
 from __future__ import annotations
 
@@ -30,6 +33,11 @@ from vtoolkit.methods.prune_base import PruneConfig, ScorePrune
 from vtoolkit.registry import register_method
 
 
+def _passthrough(hidden_states, *args, **kwargs):
+    """Forward of a vision layer whose output is never read."""
+    return hidden_states
+
+
 @dataclass(frozen=True)
 class FasterVLMConfig(PruneConfig):
     """keep_ratio xor keep_tokens (default keep_ratio=0.1); budget_scope per_crop|global; positions
@@ -37,6 +45,7 @@ class FasterVLMConfig(PruneConfig):
     block (no CLS)."""
 
     vision_layer: int | None = None
+    skip_unused_vision_layers: bool = True
 
 
 @register_method("fastervlm", config=FasterVLMConfig, kind="prune", stage="pre_llm",
@@ -47,6 +56,15 @@ class FasterVLM(ScorePrune):
     def install_scorer(self, hooks, ctx) -> None:
         self.scores = VisionScores(self.adapter, self.config.vision_layer)
         self.scores.install(hooks)
+        unused = self.adapter.unused_vision_layers() if self.config.skip_unused_vision_layers else []
+        self.skipped_layers = [i for i in unused if i > self.scores.layer]
+        for i in self.skipped_layers:
+            hooks.set_attr(self.adapter.vision_layers[i], "forward", _passthrough)
+
+    def select(self, ctx):
+        keep = super().select(ctx)
+        self._stats["vision_layers_run"] = len(self.adapter.vision_layers) - len(self.skipped_layers)
+        return keep
 
     def token_scores(self, ctx):
         if self.adapter.has_cls:

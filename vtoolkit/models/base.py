@@ -140,6 +140,10 @@ class ModelAdapter:
     def projector(self) -> torch.nn.Module:
         raise NotImplementedError
 
+    def unused_vision_layers(self) -> list[int]:
+        """Vision layers whose output the model never reads (safe to skip); none by default."""
+        return []
+
     def vision_feature_layer(self) -> int:
         """0-based index of the vision layer whose *output* provides the features (LLaVA: -2 -> layers[-2])."""
         raise NotImplementedError

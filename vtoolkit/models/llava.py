@@ -32,6 +32,12 @@ class LlavaAdapter(ModelAdapter):
         idx = k if k >= 0 else n + 1 + k
         return idx - 1
 
+    def unused_vision_layers(self) -> list[int]:
+        """Vision layers after the feature layer: HF runs them, LLaVA never reads their output."""
+        if not isinstance(self.config.vision_feature_layer, int):
+            return []
+        return list(range(self.vision_feature_layer() + 1, len(self.vision_layers)))
+
     @property
     def tokens_per_crop(self) -> int:
         vc = self.vision_config
