@@ -4,18 +4,43 @@
 >>> model, processor = vt.models.tiny.build("llava")
 >>> h = vt.apply_method(model, "fastervlm", keep_ratio=0.25)
 >>> # model.generate(**inputs) now prunes; h.stats says what was kept; h.remove() restores the model.
+
+Attributes are imported lazily so that torch-free parts (the scorers, ``vtoolkit score``) start fast.
 """
-from vtoolkit import models
-from vtoolkit.api import MethodHandle, active_handles, apply_method
-from vtoolkit.config import MethodConfig
-from vtoolkit.registry import get_method, list_methods, register_method
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
+
+_LAZY = {
+    "apply_method": "vtoolkit.api", "MethodHandle": "vtoolkit.api", "active_handles": "vtoolkit.api",
+    "list_methods": "vtoolkit.registry", "get_method": "vtoolkit.registry", "register_method": "vtoolkit.registry",
+    "MethodConfig": "vtoolkit.config",
+}
+_SUBMODULES = ("models", "hooks", "methods", "kernels", "eval", "bench", "config", "registry", "api")
 
 
 def get_config_class(name: str):
     """The config dataclass of a registered method."""
+    from vtoolkit.registry import get_method
+
     return get_method(name).config_cls
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f"vtoolkit.{name}")
+    else:
+        raise AttributeError(f"module 'vtoolkit' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY) | set(_SUBMODULES))
 
 
 __all__ = ["apply_method", "MethodHandle", "active_handles", "list_methods", "get_method", "get_config_class",
