@@ -94,6 +94,13 @@ def test_fastv_errors():
     with vt.apply_method(model, "random"):
         with pytest.raises(ValueError, match="both prune visual tokens"):
             vt.apply_method(model, "fastv")
+    tc = model.config.text_config
+    tc._attn_implementation = "flash_attention_2"
+    try:
+        with pytest.raises(ValueError, match="needs 'sdpa' or 'eager'"):
+            vt.apply_method(model, "fastv")
+    finally:
+        tc._attn_implementation = "sdpa"
     assert vt.active_handles(model) == []
 
 
@@ -105,3 +112,25 @@ def test_compose_with_identity():
         model.generate(**batch, **GEN)
         assert h.stats["fastv"]["visual_tokens_after"] == [32, 32]
         assert h.stats["none"]["visual_tokens_before"] == [64, 64]
+
+
+@torch.no_grad()
+def test_eager_llm_masks(monkeypatch):
+    """Layers >= K get additive float masks when the LLM runs eager attention."""
+
+    def positional(query, key, mask, scaling):
+        n = key.shape[2]
+        return ((torch.arange(n) % 2 == 0).float() + torch.arange(n) * 1e-6).expand(query.shape[0], n)
+
+    monkeypatch.setattr(fastv_mod, "last_query_scores", positional)
+    model, _, _ = tiny_model("llava")
+    batch = sample_batch("llava", n=3)
+    tc = model.config.text_config
+    tc._attn_implementation = "eager"
+    try:
+        with vt.apply_method(model, "fastv", K=1, ratio=0.5):
+            cached = model.generate(**batch, **GEN)
+            assert torch.equal(cached, model.generate(**batch, **GEN, use_cache=False))
+        assert tc._attn_implementation == "eager"
+    finally:
+        tc._attn_implementation = "sdpa"

@@ -106,8 +106,14 @@ class SequencePruner:
     def _prefill(self, kwargs, emb):
         self.plan = None
         ids = self.ctx.inputs.get("input_ids")
-        if ids is None or ids.shape[1] != emb.shape[1]:
+        if ids is None:
+            if self.ctx.inputs.get("pixel_values") is not None:
+                raise ValueError("visual-token pruning needs input_ids at prefill to find the visual tokens; this "
+                                 "call passed only inputs_embeds")
             return None
+        if ids.shape[1] != emb.shape[1]:
+            raise RuntimeError(f"the language model received {emb.shape[1]} positions for {ids.shape[1]} input ids: "
+                               f"another hook already rewrote the sequence")
         vis = ids == self.adapter.image_token_id
         if not bool(vis.any()):
             return None

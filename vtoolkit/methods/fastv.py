@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from vtoolkit.config import MethodConfig
-from vtoolkit.hooks.attention import intercept
+from vtoolkit.hooks.attention import current_implementation, intercept
 from vtoolkit.hooks.midstack import MidStackPruner
 from vtoolkit.methods.base import Method
 from vtoolkit.registry import register_method
@@ -60,6 +60,11 @@ class FastV(Method):
     def check(self) -> None:
         if self.config.K >= self.adapter.num_layers:
             raise ValueError(f"K={self.config.K} must be < the {self.adapter.num_layers} LLM layers")
+        impl = current_implementation(self.adapter.text_config)
+        if "flash" in impl or "flex" in impl:
+            raise ValueError(f"fastv rewrites the causal mask of layers >= K, which needs 'sdpa' or 'eager' attention in "
+                             f"the LLM; this model uses {impl!r}: model.set_attn_implementation"
+                             f"({{'text_config': 'sdpa'}}) first")
 
     def install(self, hooks, ctx) -> None:
         self.ctx = ctx
