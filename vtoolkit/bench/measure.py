@@ -76,7 +76,7 @@ _CLEAR_REFS = "/proc/self/clear_refs"
 def _vm_hwm_bytes() -> int | None:
     try:
         with open(_STATUS) as fh:
-            m = re.search(r"^VmHWM:\s+(\d+)\s*kB", fh.read(), re.M)
+            m = re.search(r"^VmHWM:\s+(\d+)\s*kB", fh.read(), re.MULTILINE)
         return int(m.group(1)) * 1024 if m else None
     except OSError:
         return None
@@ -85,7 +85,7 @@ def _vm_hwm_bytes() -> int | None:
 def _current_rss_bytes() -> int | None:
     try:
         with open(_STATUS) as fh:
-            m = re.search(r"^VmRSS:\s+(\d+)\s*kB", fh.read(), re.M)
+            m = re.search(r"^VmRSS:\s+(\d+)\s*kB", fh.read(), re.MULTILINE)
         return int(m.group(1)) * 1024 if m else None
     except OSError:
         return None

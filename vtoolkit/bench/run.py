@@ -6,6 +6,7 @@ which is always measured first, on the same model and batch.
 """
 from __future__ import annotations
 
+import math
 import platform
 
 import torch
@@ -107,7 +108,7 @@ def run_bench(model, processor, methods, batch_size: int = 1, prompt_tokens: int
     base = rows[0]
 
     def ratio(a, b):
-        return a / b if b and b == b and a == a and b > 0 else None   # None for 0 / NaN / negative baselines
+        return a / b if math.isfinite(a) and math.isfinite(b) and b > 0 else None   # None: 0 / NaN / negative base
 
     for r in rows:
         r["prefill_ratio"] = ratio(r["prefill_s"], base["prefill_s"])

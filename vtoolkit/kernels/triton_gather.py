@@ -83,7 +83,7 @@ def gather_kept_triton(hidden, keep_idx, position_ids=None, attention_mask=None)
     [R, B, L] | None``, ``attention_mask [B, L] | None`` -> contiguous ``([B, K, D], [B, K] | [R, B, K] | None,
     [B, K] | None)``; everything in one launch, grid ``(B, cdiv(K, BLOCK_K))``. Arguments are checked by the caller
     (:func:`vtoolkit.kernels.gather_kept`)."""
-    B, L, D = hidden.shape
+    B, _, D = hidden.shape
     K = keep_idx.shape[1]
     idx = keep_idx.contiguous()
     out = torch.empty(B, K, D, dtype=hidden.dtype, device=hidden.device)
@@ -123,7 +123,7 @@ def gather_kept_triton(hidden, keep_idx, position_ids=None, attention_mask=None)
 def compact_kv_triton(key, value, keep_idx):
     """``key [B, H, L, dk]``, ``value [B, H, L, dv]`` (any strides), ``keep_idx [B, K]`` int64 ->
     ``([B, H, K, dk], [B, H, K, dv])`` contiguous; one launch, grid ``(B * H, cdiv(K, BLOCK_K))``."""
-    B, H, L, DK = key.shape
+    B, H, _, DK = key.shape
     DV = value.shape[-1]
     K = keep_idx.shape[1]
     ko = torch.empty(B, H, K, DK, dtype=key.dtype, device=key.device)
