@@ -56,8 +56,8 @@ def test_sweep_and_report(tmp_path):
 
 
 def test_cli_eval_set_routing_and_resume(tmp_path, monkeypatch):
-    import vtoolkit.eval.runner as runner
     from vtoolkit.cli import app
+    from vtoolkit.eval import runner
 
     model, proc, _ = tiny_model("llava")
     monkeypatch.setattr(runner, "load_model", lambda *a, **k: (model, proc))

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 
@@ -43,19 +42,19 @@ def register_commands(app: typer.Typer) -> None:
         model: str = typer.Option(..., "--model", help="checkpoint path / hub id, or tiny:llava|llava_next|qwen2_vl|"
                                                        "qwen2_5_vl (offline tiny random model)"),
         method: str = typer.Option("none", "--method", help="method name, or a preset YAML (configs/methods/*.yaml)"),
-        sets: List[str] = typer.Option([], "--set", help="key=value: method option (keep_ratio=0.1), protocol "
+        sets: list[str] = typer.Option([], "--set", help="key=value: method option (keep_ratio=0.1), protocol "
                                                          "override (pope.max_new_tokens=10) or data option "
                                                          "(data.chair.annotations=DIR); repeatable"),
         bench: str = typer.Option("pope", "--bench", help="comma-separated: pope,chair,mme"),
-        data: List[str] = typer.Option([], "--data", help="BENCH=PATH (repeatable), see vtoolkit.eval.datasets"),
+        data: list[str] = typer.Option([], "--data", help="BENCH=PATH (repeatable), see vtoolkit.eval.datasets"),
         out: Path = typer.Option(..., "--out", help="run folder"),
-        limit: Optional[int] = typer.Option(None, "--limit", help="first N samples per benchmark"),
+        limit: int | None = typer.Option(None, "--limit", help="first N samples per benchmark"),
         batch_size: int = typer.Option(1, "--batch-size"),
         resume: bool = typer.Option(False, "--resume", help="continue an interrupted run in --out"),
         dtype: str = typer.Option("auto", "--dtype", help="auto|float16|bfloat16|float32"),
-        device_map: Optional[str] = typer.Option(None, "--device-map", help="e.g. auto, cuda:0 (default: one device "
+        device_map: str | None = typer.Option(None, "--device-map", help="e.g. auto, cuda:0 (default: one device "
                                                                             "per process)"),
-        attn_implementation: Optional[str] = typer.Option(None, "--attn-implementation"),
+        attn_implementation: str | None = typer.Option(None, "--attn-implementation"),
         progress: bool = typer.Option(True, "--progress/--no-progress"),
     ) -> None:
         """Evaluate a model with a method applied on POPE / CHAIR / MME; writes predictions, config and metrics."""
@@ -85,11 +84,11 @@ def register_commands(app: typer.Typer) -> None:
     @app.command("sweep")
     def sweep_cmd(
         path: Path = typer.Argument(..., help="sweep YAML, e.g. configs/sweeps/fastervlm_pope.yaml"),
-        out: Optional[Path] = typer.Option(None, "--out", help="output folder (default: the sweep's out / runs/NAME)"),
-        data: List[str] = typer.Option([], "--data", help="BENCH=PATH, replaces the sweep's data for BENCH"),
-        model: Optional[str] = typer.Option(None, "--model", help="replaces the sweep's model"),
-        limit: Optional[int] = typer.Option(None, "--limit"),
-        batch_size: Optional[int] = typer.Option(None, "--batch-size"),
+        out: Path | None = typer.Option(None, "--out", help="output folder (default: the sweep's out / runs/NAME)"),
+        data: list[str] = typer.Option([], "--data", help="BENCH=PATH, replaces the sweep's data for BENCH"),
+        model: str | None = typer.Option(None, "--model", help="replaces the sweep's model"),
+        limit: int | None = typer.Option(None, "--limit"),
+        batch_size: int | None = typer.Option(None, "--batch-size"),
         resume: bool = typer.Option(False, "--resume"),
         dry_run: bool = typer.Option(False, "--dry-run", help="list the runs and exit"),
         progress: bool = typer.Option(True, "--progress/--no-progress"),
@@ -112,8 +111,8 @@ def register_commands(app: typer.Typer) -> None:
 
     @app.command("report")
     def report_cmd(
-        runs: List[Path] = typer.Argument(..., help="run folders (or sweep folders holding runs)"),
-        out: Optional[Path] = typer.Option(None, "--out", help="where to write report.md/csv/png (default: the "
+        runs: list[Path] = typer.Argument(..., help="run folders (or sweep folders holding runs)"),
+        out: Path | None = typer.Option(None, "--out", help="where to write report.md/csv/png (default: the "
                                                                "first folder's parent /report)"),
     ) -> None:
         """Markdown + CSV table with deltas to the baseline, and score-vs-tokens / score-vs-latency plots."""

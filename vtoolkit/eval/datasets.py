@@ -40,9 +40,10 @@ import json
 import os
 import random
 import re
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark", "artwork",
               "OCR")
@@ -66,7 +67,7 @@ class DataSpec:
     extra: dict = field(default_factory=dict)
 
     @classmethod
-    def from_any(cls, bench: str, value: Any) -> "DataSpec":
+    def from_any(cls, bench: str, value: Any) -> DataSpec:
         if isinstance(value, DataSpec):
             return value
         if isinstance(value, (str, os.PathLike)):
@@ -106,7 +107,7 @@ class Dataset:
     def __iter__(self) -> Iterator[dict]:
         return iter(self.records)
 
-    def limit(self, n: int | None) -> "Dataset":
+    def limit(self, n: int | None) -> Dataset:
         if n is None or n >= len(self.records):
             return self
         info = {**self.info, "limit": n, "n_before_limit": len(self.records)}

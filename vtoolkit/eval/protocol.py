@@ -18,8 +18,9 @@ run's ``config.json``.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 BENCHMARKS = ("pope", "mme", "chair")
 

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
-__all__ = ["collect_runs", "build_table", "write_report"]
+__all__ = ["build_table", "collect_runs", "write_report"]
 
 _SECONDARY = {
     "pope": [("accuracy", ("average", "accuracy")), ("precision", ("average", "precision")),
@@ -149,7 +150,7 @@ def _plot(df, bench: str, x: str, xlabel: str, path: Path) -> None:
     metric = sub["metric"].dropna().iloc[0] if not sub.empty and sub["metric"].notna().any() else "score"
     ax.set_xlabel(xlabel)
     ax.set_ylabel(metric)
-    ax.set_title(f"{bench}: {metric} vs {xlabel}")
+    ax.set_title(f"{bench}: {metric} vs {xlabel}", fontsize=9)
     ax.grid(alpha=0.3)
     if not sub.empty:
         ax.legend(fontsize=8)

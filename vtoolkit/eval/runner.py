@@ -32,14 +32,24 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 from vtoolkit.eval.datasets import Dataset, load_dataset, open_image, public_record
 from vtoolkit.eval.protocol import BENCHMARKS, Protocol, resolve_protocol
 
-__all__ = ["load_model", "env_info", "dist_info", "read_predictions", "run_benchmark", "score_benchmark",
-           "evaluate", "EvalConfig", "RunInterrupted"]
+__all__ = [
+    "EvalConfig",
+    "RunInterrupted",
+    "dist_info",
+    "env_info",
+    "evaluate",
+    "load_model",
+    "read_predictions",
+    "run_benchmark",
+    "score_benchmark",
+]
 
 
 class RunInterrupted(RuntimeError):
@@ -92,10 +102,10 @@ def _git_info() -> dict:
     root = Path(__file__).resolve().parents[2]
     out: dict[str, Any] = {"root": str(root)}
     try:
-        out["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+        out["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=False,
                                        timeout=10).stdout.strip() or None
         status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                                capture_output=True, text=True, timeout=10).stdout
+                                capture_output=True, text=True, timeout=10, check=False).stdout
         out["dirty"] = bool(status.strip())
     except (OSError, subprocess.SubprocessError):
         out["commit"], out["dirty"] = None, None
@@ -166,8 +176,7 @@ def read_predictions(path: str | Path, repair: bool = False) -> list[dict]:
 def _write_jsonl_atomic(path: Path, rows: Iterable[Mapping]) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     with open(tmp, "w", encoding="utf-8") as fh:
-        for r in rows:
-            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+        fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
@@ -304,8 +313,7 @@ def run_benchmark(model, processor, handle, dataset: Dataset, protocol: Protocol
                     raise RunInterrupted(f"simulated crash after {b_i} batches")
                 chunk = mine[start:start + batch_size]
                 rows = _run_batch(model, processor, adapter, handle, chunk, protocol, gen_kwargs)
-                for r in rows:
-                    fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+                fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
                 fh.flush()
                 os.fsync(fh.fileno())
                 if bar is not None:

@@ -27,12 +27,13 @@ from __future__ import annotations
 
 import itertools
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from vtoolkit.config import load_method_preset, load_yaml
 
-__all__ = ["load_sweep", "expand_grid", "run_sweep"]
+__all__ = ["expand_grid", "load_sweep", "run_sweep"]
 
 
 def _find_preset(preset: str, sweep_path: Path | None) -> Path:
