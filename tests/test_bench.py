@@ -35,6 +35,7 @@ def test_tiny_bench_end_to_end(tmp_path):
     full = rows[0]["prompt_tokens"]
     assert [r["llm_tokens"] for r in rows] == [full, full - 32, full - 58]
     assert rows[2]["analytic_prefill_ratio"] < rows[1]["analytic_prefill_ratio"] < 1.0
+    assert [r["vision_layers_run"] for r in rows] == [3, 2, 2]   # FasterVLM skips the CLIP layer after layer -2
     assert rows[2]["analytic_decode_ratio"] < 1.0 and rows[0]["analytic_decode_ratio"] == 1.0
     for r in rows:
         assert r["prefill_s"] > 0 and r["peak_mem_bytes"] > 0 and len(r["prefill_runs"]) == 1

@@ -40,13 +40,17 @@ metadata:
 """
 
 
-def test_zero_arg_call_is_the_entry_point_manifest():
+def test_entry_point_payload_registers_the_model():
+    from importlib.metadata import entry_points
+
     from lmms_eval.models.registry_v2 import ModelRegistryV2
 
     from vtoolkit.eval.lmms_plugin import VToolkitLMM
 
+    (ep,) = [e for e in entry_points(group="lmms_eval.models") if e.name == "vtoolkit"]
+    assert ep.value == "vtoolkit.eval.lmms_plugin:manifests"
     reg = ModelRegistryV2()
-    for m in reg._coerce_payload_to_manifests(VToolkitLMM):  # what load_entrypoint_manifests does with our payload
+    for m in reg._coerce_payload_to_manifests(ep.load()):  # what load_entrypoint_manifests does with our payload
         reg.register_manifest(m)
     assert reg.get_model_class("vtoolkit") is VToolkitLMM
     assert reg.get_model_class("vtk") is VToolkitLMM

@@ -6,6 +6,8 @@ which is always measured first, on the same model and batch.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import math
 import platform
 
@@ -93,6 +95,8 @@ def run_bench(model, processor, methods, batch_size: int = 1, prompt_tokens: int
         pruned = c["kept_len"] != c["full_len"]
         kw = dict(kept_tokens=c["kept_len"], from_layer=c["from_layer"]) if pruned else {}
         ckw = dict(kept_context=c["kept_len"], from_layer=c["from_layer"]) if pruned else {}
+        # methods that skip vision layers nobody reads (FasterVLM) report how many ran
+        row_shape = dataclasses.replace(shape, vision_layers=stats.get("vision_layers_run", shape.vision_layers))
         rows.append({
             "method": name, **overrides, "batch_size": B, "prompt_tokens": c["full_len"],
             "llm_tokens": c["kept_len"] if c["from_layer"] == 0 else c["full_len"],
@@ -101,7 +105,8 @@ def run_bench(model, processor, methods, batch_size: int = 1, prompt_tokens: int
             "visual_tokens_before": c["visual_tokens_before"][0],
             **lat,
             "peak_mem_bytes": peak, "peak_mem_delta_bytes": peak - before, "peak_resettable": resettable,
-            "flops_prefill": B * F.prefill_flops(shape, c["full_len"], **kw),
+            "vision_layers_run": row_shape.vision_layers,
+            "flops_prefill": B * F.prefill_flops(row_shape, c["full_len"], **kw),
             "flops_decode_per_token": B * F.decode_flops(shape, c["full_len"], **ckw),
             "device": device, "dtype": dtype, "load_per_core": machine_load(),
         })

@@ -9,12 +9,9 @@ Registration with lmms-eval 0.7.3
 ---------------------------------
 0.7.3 resolves ``--model NAME`` through ``MODEL_REGISTRY_V2``, which is filled from built-in manifests, the deprecated
 ``LMMS_EVAL_PLUGINS`` variable and the entry-point group ``lmms_eval.models``. An entry point's payload must be a
-``ModelManifest``, an iterable of them, or a *callable returning one* -- and a class is callable, so lmms-eval calls
-``VToolkitLMM()`` with no arguments. That is why the pyproject entry point ``vtoolkit =
-"vtoolkit.eval.lmms_plugin:VToolkitLMM"`` works: constructing ``VToolkitLMM`` with no arguments at all returns this
-plugin's :class:`ModelManifest` instead of a model (a model always needs ``pretrained=``). The cleaner target
-``vtoolkit.eval.lmms_plugin:manifests`` is provided too. Without an installed package (no entry points), call
-:func:`register` before ``simple_evaluate(model="vtoolkit", ...)``.
+``ModelManifest``, an iterable of them, or a *callable returning one*: the pyproject entry point is
+``vtoolkit = "vtoolkit.eval.lmms_plugin:manifests"``, which lazily names :class:`VToolkitLMM`. Without an installed
+package (no entry points), call :func:`register` before ``simple_evaluate(model="vtoolkit", ...)``.
 
 Interface: the *simple* (``doc_to_visual``) one, ``is_simple = True``: ``generate_until`` (batched, stop strings
 applied), ``loglikelihood`` (sum of continuation log-probs + greedy flag, one request at a time),
@@ -52,11 +49,6 @@ class VToolkitLMM(lmms):
     """A stock HF multimodal LLM with a vtoolkit method applied, as an lmms-eval model."""
 
     is_simple = True
-
-    def __new__(cls, *args, **kwargs):
-        if not args and not kwargs:  # lmms-eval calls entry-point payloads with no arguments: hand it the manifest
-            return manifests()
-        return super().__new__(cls)
 
     def __init__(self, pretrained: str, method: str = "none", dtype: str = "auto", device_map: str | None = None,
                  attn_implementation: str | None = None, max_new_tokens: int | None = None, batch_size: int = 1,
