@@ -38,8 +38,12 @@ def main(argv=None) -> None:
     run = out / "fastervlm"
     metrics = evaluate(cfg, run, resume=(run / "config.json").exists(), model_and_processor=model_and_processor)
     for bench, m in metrics["benchmarks"].items():
-        print(f"{bench}: {m['headline_name']} = {m['headline']:.4g}  visual tokens {m['visual_tokens_before']:.0f} -> "
-              f"{m['visual_tokens_after']:.0f}  latency {m['latency_s'] * 1e3:.1f} ms/sample")
+        tokens = (f"visual tokens {m['visual_tokens_before']:.0f} -> {m['visual_tokens_after']:.0f}  "
+                  f"latency {m['latency_s'] * 1e3:.1f} ms/sample")
+        if m.get("score_error"):   # e.g. CHAIR without NLTK data: predictions are kept, the score says why not
+            print(f"{bench}: not scored ({m['score_error'].split(':')[0]}; see {run / 'metrics.json'})  {tokens}")
+        else:
+            print(f"{bench}: {m['headline_name']} = {m['headline']:.4g}  {tokens}")
 
     sweep = {"model": "tiny:llava", "benchmarks": ["pope"], "data": {"pope": str(data["pope"])},
              "protocol": {"pope": {"max_new_tokens": 4}}, "batch_size": 4,
