@@ -1,14 +1,14 @@
 """`vtoolkit score pope|chair|mme`: JSON output equals the fixtures' expected numbers, tables render, errors exit 2."""
 import json
 import os
-from pathlib import Path
 
 import pytest
+from conftest import SHARED_DATA
 from typer.testing import CliRunner
 
 from vtoolkit.eval.cli_score import score_app
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = SHARED_DATA
 POPE = DATA / "pope"
 CH = DATA / "chair"
 MME = DATA / "mme"

@@ -3,9 +3,9 @@ and per caption), plus the pattern-style singularize table, GT/caption loaders a
 import gzip
 import json
 import os
-from pathlib import Path
 
 import pytest
+from conftest import SHARED_DATA
 
 from vtoolkit.eval.scorers import chair as chair_mod
 from vtoolkit.eval.scorers.chair import (
@@ -22,7 +22,7 @@ from vtoolkit.eval.scorers.chair import (
     singularize,
 )
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = SHARED_DATA
 CH = DATA / "chair"
 LOGS = CH / "opera_logs"
 SYN = CH / "synthetic_cases"

@@ -3,6 +3,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import SHARED_DATA
 
 from vtoolkit.eval.scorers.mme import (
     COGNITION_TASKS,
@@ -13,7 +14,7 @@ from vtoolkit.eval.scorers.mme import (
     score_mme_dir,
 )
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = SHARED_DATA
 MME = DATA / "mme"
 LAVIN = MME / "eval_tool_LaVIN"
 CASES = MME / "scorer_cases"

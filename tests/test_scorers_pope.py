@@ -3,6 +3,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import SHARED_DATA
 
 from vtoolkit.eval.scorers.pope import (
     POPE_RULES,
@@ -15,7 +16,7 @@ from vtoolkit.eval.scorers.pope import (
     score_pope_splits,
 )
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = SHARED_DATA
 POPE = DATA / "pope"
 CASES = POPE / "scorer_cases"
 
