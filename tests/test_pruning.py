@@ -237,3 +237,16 @@ def test_unused_vision_layers_are_skipped_without_changing_outputs():
         assert "forward" not in vars(last)  # the instance override is gone after remove()
     finally:
         h0.remove()
+
+
+@torch.no_grad()
+def test_precomputed_image_features_do_not_reuse_stale_scores():
+    model, _, _ = tiny_model("llava")
+    batch = sample_batch("llava", n=1)
+    with vt.apply_method(model, "fastervlm", keep_tokens=4) as h:
+        model.generate(**batch, max_new_tokens=1)
+        with h.disabled():   # features computed without the handle: no scores for them
+            feats = model.model.get_image_features(pixel_values=batch["pixel_values"], return_dict=True)
+        inputs = {k: v for k, v in batch.items() if k != "pixel_values"}
+        with pytest.raises(RuntimeError, match="no vision scores were recorded for this call"):
+            model(**inputs, mm_encoder_outputs={"image": feats})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import weakref
 from typing import Any
 
 import torch
@@ -53,17 +54,28 @@ class CallContext:
                 rec = dict(zip(names, args))
                 rec.update(kwargs)
                 self._encoder_inputs = {k: rec[k] for k in _CAPTURED if rec.get(k) is not None}
+                self.encoder_calls += 1
+                out = original(*args, **kwargs)
+                self._encoder_output = weakref.ref(out)
+                return out
             return original(*args, **kwargs)
 
         hooks.set_attr(core, "get_image_features", get_image_features)
         self._encoder_inputs: dict[str, Any] = {}
+        self._encoder_output = None
+        self.encoder_calls = 0   # vision-encoder runs seen; results of the vision stage are tagged with it
+        self.features_from_hooked_encoder = True   # False when this call's image features bypassed our encoder hooks
 
     def _pre_forward(self, module, args, kwargs):
         kw = dict(zip(self._arg_names, args))
         kw.update(kwargs)
         if cache_length(kw.get("past_key_values")) == 0:
             self.inputs = {k: kw.get(k) for k in _CAPTURED}
-            if kw.get("mm_encoder_outputs"):   # features precomputed by this generate's encoder call
+            mm = kw.get("mm_encoder_outputs") or {}
+            self.features_from_hooked_encoder = True
+            if mm.get("image") is not None:   # features precomputed by this generate's encoder call
+                ours = self._encoder_output() if self._encoder_output is not None else None
+                self.features_from_hooked_encoder = mm["image"] is ours
                 for k, v in self._encoder_inputs.items():   # (kept for every prefill of the call: use_cache=False)
                     if self.inputs.get(k) is None:
                         self.inputs[k] = v

@@ -56,7 +56,9 @@ class VisionScores:
         self._q = self._k = None
         self._grid = None
 
-    def install(self, hooks) -> None:
+    def install(self, hooks, ctx) -> None:
+        self.ctx = ctx
+        self._tag = None
         a = self.adapter
         hooks.forward_pre(a.vision_tower, self._reset, with_kwargs=True)
         attn = a.vision_attention(self.layer)
@@ -69,6 +71,7 @@ class VisionScores:
 
     # -- hooks --------------------------------------------------------------------------------------------------
     def _reset(self, module, args, kwargs):
+        self._tag = self.ctx.encoder_calls   # which encoder call these scores belong to
         self._chunks = []
         self._q = self._k = None
         grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
@@ -99,16 +102,19 @@ class VisionScores:
         return None
 
     # -- read-out -----------------------------------------------------------------------------------------------
+    def _check_fresh(self) -> None:
+        if not self._chunks or self._tag != self.ctx.encoder_calls or not self.ctx.features_from_hooked_encoder:
+            raise RuntimeError("no vision scores were recorded for this call's images: the vision tower did not run "
+                               "under this handle (precomputed image features are not supported by this method)")
+
     def per_crop(self) -> list[torch.Tensor]:
         """CLS encoders: one ``[N]`` score row per crop, in the order the crops went through the tower."""
-        if not self._chunks:
-            raise RuntimeError("no vision scores were recorded for this call (did the vision tower run?)")
+        self._check_fresh()
         return list(torch.cat(self._chunks, 0))
 
     def per_image(self) -> list[torch.Tensor]:
         """No-CLS encoders: one score per LLM visual token (merged), raster order, per image."""
-        if not self._chunks:
-            raise RuntimeError("no vision scores were recorded for this call (did the vision tower run?)")
+        self._check_fresh()
         unit = self.adapter.merge_size**2
         merged = torch.cat(self._chunks).view(-1, unit).mean(-1)
         grid = self._grid

@@ -55,7 +55,7 @@ class FasterVLMConfig(PruneConfig):
 class FasterVLM(ScorePrune):
     def install_scorer(self, hooks, ctx) -> None:
         self.scores = VisionScores(self.adapter, self.config.vision_layer)
-        self.scores.install(hooks)
+        self.scores.install(hooks, ctx)
         unused = self.adapter.unused_vision_layers() if self.config.skip_unused_vision_layers else []
         self.skipped_layers = [i for i in unused if i > self.scores.layer]
         for i in self.skipped_layers:
