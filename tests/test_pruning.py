@@ -250,3 +250,52 @@ def test_precomputed_image_features_do_not_reuse_stale_scores():
         inputs = {k: v for k, v in batch.items() if k != "pixel_values"}
         with pytest.raises(RuntimeError, match="no vision scores were recorded for this call"):
             model(**inputs, mm_encoder_outputs={"image": feats})
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("arch_", ["qwen2_vl", "qwen2_5_vl"])
+def test_qwen_kept_indices_match_eager_received_attention(arch_):
+    """Independent reference: HF's eager vision attention probabilities of the last full-attention block, mean over
+    queries and heads, averaged over each 2x2 merge group, window order undone, top-k per image."""
+    import importlib
+
+    from transformers import AttentionInterface
+    from transformers.vision_utils import get_vision_window_index
+
+    model, proc, adapter = tiny_model(arch_)
+    batch = sample_batch(arch_, n=3, two_images=True)
+    t = 5
+    with vt.apply_method(model, "fastervlm", keep_tokens=t) as h:
+        model.generate(**batch, max_new_tokens=1)
+        kept = [k for sample in h.stats["kept_indices"] for k in sample]
+
+    modeling = importlib.import_module(type(model).__module__)
+    target = adapter.vision_attention(adapter.full_attention_layers()[-1])
+    probs = []
+
+    def capture(module, q, k, v, attention_mask=None, **kw):
+        out, w = modeling.eager_attention_forward(module, q, k, v, attention_mask, **kw)
+        if module is target:
+            probs.append(w[0].float())
+        return out, w
+
+    AttentionInterface.register("vtk_test_capture", capture)
+    vc = model.config.vision_config
+    old = vc._attn_implementation
+    vc._attn_implementation = "vtk_test_capture"
+    try:
+        grid = batch["image_grid_thw"]
+        model.model.visual(batch["pixel_values"], grid_thw=grid)
+    finally:
+        vc._attn_implementation = old
+    received = torch.cat([w.mean(1).mean(0) for w in probs])          # per patch, ViT (window) order
+    merged = received.view(-1, adapter.merge_size ** 2).mean(-1)
+    if arch_ == "qwen2_5_vl":
+        vt_ = adapter.vision_tower
+        widx = get_vision_window_index(grid, spatial_merge_size=vt_.spatial_merge_size, window_size=vt_.window_size,
+                                       patch_size=vt_.patch_size)[0]
+        merged = merged[torch.argsort(widx)]
+    per_image = torch.split(merged, (grid.prod(-1) // 4).tolist())
+    assert len(per_image) == len(kept) == 4
+    for scores, k in zip(per_image, kept):
+        assert torch.equal(k, torch.topk(scores, t).indices.sort().values)
