@@ -55,3 +55,12 @@ def sample_batch(arch: str, n: int = 3, two_images: bool = False):
 @pytest.fixture(params=ARCHS)
 def arch(request):
     return request.param
+
+
+def assert_same_continuation(batched: torch.Tensor, single: torch.Tensor, pad_id: int, what: str = "") -> None:
+    """A batched row's new tokens equal a single run's, except that the batch keeps padding after the single stopped
+    at EOS."""
+    n = single.numel()
+    assert batched.numel() >= n, what
+    assert torch.equal(batched[:n], single), f"{what}: {batched.tolist()} != {single.tolist()}"
+    assert bool((batched[n:] == pad_id).all()), f"{what}: tokens after the single run stopped: {batched.tolist()}"

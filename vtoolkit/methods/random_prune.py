@@ -1,11 +1,15 @@
 """Random visual-token pruning: the control every pruning paper compares with (FasterVLM Table 1 "random").
 
-Scores are i.i.d. uniform from a generator seeded with ``seed`` at every call, so a run is reproducible and two calls
-on the same shapes drop the same positions. Same budget rules as FasterVLM (:mod:`vtoolkit.methods.prune_base`).
+Scores are i.i.d. uniform. Each image draws from its own generator, seeded with ``seed`` and a fingerprint of the
+image's pixels (BLAKE2 of the processor's tensor), so the selection is reproducible, differs from image to image, and
+does not depend on which other samples share the batch (a padded batch selects exactly what single runs select).
+Same budget rules as FasterVLM (:mod:`vtoolkit.methods.prune_base`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import hashlib
 
 import torch
 
@@ -23,11 +27,17 @@ class RandomPruneConfig(PruneConfig):
                  description="Seeded random pruning of visual tokens before the LLM (baseline)")
 class RandomPrune(ScorePrune):
     def token_scores(self, ctx):
-        gen = torch.Generator().manual_seed(self.config.seed)
         out = {}
         for span in (s for sample in ctx.spans for s in sample):
+            gen = torch.Generator().manual_seed(self._image_seed(ctx, span.image_index))
             full = [int(p.max().item()) + 1 if p.numel() else 0 for p in span.crop_patches]
             if self.adapter.has_cls:
                 full = [max(f, self.adapter.tokens_per_crop) for f in full]
             out[span.image_index] = [torch.rand(f, generator=gen) for f in full]
         return [out[i] for i in sorted(out)]
+
+    def _image_seed(self, ctx, image_index: int) -> int:
+        pixels = self.adapter.image_pixels(ctx.inputs, image_index).detach().to("cpu", torch.float32).contiguous()
+        digest = hashlib.blake2b(pixels.numpy().tobytes(), digest_size=8,
+                                 key=str(self.config.seed).encode()).digest()
+        return int.from_bytes(digest, "little") & (2**63 - 1)

@@ -181,6 +181,10 @@ class ModelAdapter:
     def _make_span(self, positions: torch.Tensor, image_index: int, inputs) -> ImageSpan:
         return ImageSpan(positions=positions, image_index=image_index, crops=[positions])
 
+    def image_pixels(self, inputs: dict[str, Any], image_index: int) -> torch.Tensor:
+        """The processor's pixel tensor of one image (batch order), without batch padding."""
+        return inputs["pixel_values"][image_index]
+
     # -- prompting ----------------------------------------------------------------------------------------------
     def format_prompt(self, processor, question: str, num_images: int = 1) -> str:
         """The model's chat format for one user turn with ``num_images`` images and a generation prompt."""

@@ -96,6 +96,14 @@ class LlavaNextAdapter(LlavaAdapter):
             raise ValueError("LLaVA-NeXT inputs need image_sizes (the processor returns them)")
         return sizes.tolist() if torch.is_tensor(sizes) else [list(s) for s in sizes]
 
+    def image_pixels(self, inputs, image_index: int):
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        size = self._sizes(inputs)[image_index]
+        crops = image_size_to_num_patches(image_size=size, grid_pinpoints=self.config.image_grid_pinpoints,
+                                          patch_size=self.vision_config.image_size)
+        return inputs["pixel_values"][image_index][:crops]   # [max_crops, ...] is zero-padded across the batch
+
     def image_spans(self, inputs):
         self._sources = self._packed_sources(self._sizes(inputs))
         try:

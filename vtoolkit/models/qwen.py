@@ -56,6 +56,11 @@ class QwenVLAdapter(ModelAdapter):
             return []
         return (thw.prod(-1) // self.merge_size**2).tolist()
 
+    def image_pixels(self, inputs, image_index: int):
+        counts = inputs["image_grid_thw"].prod(-1).tolist()          # patches per image, flattened over the batch
+        start = sum(counts[:image_index])
+        return inputs["pixel_values"][start:start + counts[image_index]]
+
     def image_spans(self, inputs):
         self._thw = inputs.get("image_grid_thw")
         try:
