@@ -300,3 +300,11 @@ def test_qwen_kept_indices_match_eager_received_attention(arch_):
     assert len(per_image) == len(kept) == 4
     for scores, k in zip(per_image, kept):
         assert torch.equal(k, torch.topk(scores, t).indices.sort().values)
+
+
+def test_fastervlm_requires_default_feature_strategy(monkeypatch):
+    model, _, _ = tiny_model("llava")
+    monkeypatch.setattr(model.config, "vision_feature_select_strategy", "full")
+    with pytest.raises(ValueError, match="vision_feature_select_strategy='default'"):
+        vt.apply_method(model, "fastervlm")
+    assert vt.active_handles(model) == []

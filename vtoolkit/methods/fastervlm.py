@@ -53,6 +53,13 @@ class FasterVLMConfig(PruneConfig):
                  requires=("vision attention q/k",),
                  description="[CLS]-attention pruning of visual tokens before the LLM (FasterVLM)")
 class FasterVLM(ScorePrune):
+    def check(self) -> None:
+        super().check()
+        strategy = getattr(self.adapter.config, "vision_feature_select_strategy", "default")
+        if self.adapter.has_cls and strategy != "default":
+            raise ValueError(f"fastervlm scores patches by their [CLS] attention and expects the CLS feature to be "
+                             f"dropped (vision_feature_select_strategy='default'); this model uses {strategy!r}")
+
     def install_scorer(self, hooks, ctx) -> None:
         self.scores = VisionScores(self.adapter, self.config.vision_layer)
         self.scores.install(hooks, ctx)
