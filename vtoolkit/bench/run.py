@@ -10,6 +10,7 @@ import dataclasses
 
 import math
 import platform
+import statistics
 
 import torch
 
@@ -61,11 +62,12 @@ def run_bench(model, processor, methods, batch_size: int = 1, prompt_tokens: int
               decode_tokens: int = 8, repeats: int = 3, progress=None, warmup: int = 1) -> list[dict]:
     """Benchmark ``methods`` (a list of ``(name, overrides)``) against the untouched model.
 
-    Returns one row per setting; row 0 is the baseline (no method), measured first in this process on the same batch;
+    Returns one row per setting; row 0 is the baseline (no method), measured in this process on the same batch, in
+    ``repeats`` interleaved rounds (each round: baseline, then every setting) so drift hits all rows alike;
     every row has ``prefill_s``, ``decode_s_per_token`` (medians; per-repeat values in ``*_runs``), ``peak_mem_bytes``
     (and ``peak_mem_delta_bytes`` above the memory in use before the row), analytic ``flops_prefill`` /
     ``flops_decode_per_token`` for the token counts the method actually kept, the visual tokens kept, and ratios to
-    the baseline: ``prefill_ratio``, ``decode_ratio``, ``analytic_prefill_ratio`` (the FLOPs bound on the prefill
+    the baseline: ``prefill_ratio``, ``prefill_ratio_paired`` (median of per-round ratios), ``decode_ratio``, ``analytic_prefill_ratio`` (the FLOPs bound on the prefill
     speed-up), ``mem_ratio``.
     """
     import vtoolkit as vt
@@ -77,20 +79,34 @@ def run_bench(model, processor, methods, batch_size: int = 1, prompt_tokens: int
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")
     device = str(dev) if dev.type != "cpu" else f"cpu ({platform.processor() or platform.machine()}, " \
                                                 f"{torch.get_num_threads()} threads)"
+    settings = [("baseline", {})] + list(methods)
+    # Interleaved rounds: every round measures every setting once (baseline first), so slow drift of the machine
+    # (frequency, other processes) hits all settings alike; the first round also records memory and warms up.
+    lats = [{"prefill_runs": [], "decode_runs": []} for _ in settings]
+    first: list[tuple] = []
+    for rnd in range(repeats):
+        for i, (name, overrides) in enumerate(settings):
+            if progress and rnd == 0:
+                progress(f"{name} {overrides}" if overrides else name)
+            if rnd == 0:
+                before = current_memory_bytes(dev)
+                resettable = reset_peak(dev)
+            handle = None if name == "baseline" else vt.apply_method(model, name, **overrides)
+            try:
+                lat = generate_latency(model, batch, decode_tokens, 1, dev, warmup=warmup if rnd == 0 else 0)
+                stats = handle.stats if handle is not None else {}
+            finally:
+                if handle is not None:
+                    handle.remove()
+            lats[i]["prefill_runs"] += lat["prefill_runs"]
+            lats[i]["decode_runs"] += lat["decode_runs"]
+            if rnd == 0:
+                first.append((before, resettable, peak_memory_bytes(dev), stats))
     rows = []
-    for name, overrides in [("baseline", {})] + list(methods):
-        if progress:
-            progress(f"{name} {overrides}" if overrides else name)
-        before = current_memory_bytes(dev)
-        resettable = reset_peak(dev)
-        handle = None if name == "baseline" else vt.apply_method(model, name, **overrides)
-        try:
-            lat = generate_latency(model, batch, decode_tokens, repeats, dev, warmup=warmup)
-            stats = handle.stats if handle is not None else {}
-        finally:
-            if handle is not None:
-                handle.remove()
-        peak = peak_memory_bytes(dev)
+    for (name, overrides), (before, resettable, peak, stats), runs in zip(settings, first, lats):
+        lat = {"prefill_s": statistics.median(runs["prefill_runs"]),
+               "decode_s_per_token": statistics.median(runs["decode_runs"]) if runs["decode_runs"] else float("nan"),
+               **runs}
         c = _token_counts(model, batch, stats)
         pruned = c["kept_len"] != c["full_len"]
         kw = dict(kept_tokens=c["kept_len"], from_layer=c["from_layer"]) if pruned else {}
@@ -117,6 +133,10 @@ def run_bench(model, processor, methods, batch_size: int = 1, prompt_tokens: int
 
     for r in rows:
         r["prefill_ratio"] = ratio(r["prefill_s"], base["prefill_s"])
+        # paired: median over rounds of (this setting / the baseline measured in the same round)
+        per_round = [ratio(a, b) for a, b in zip(r["prefill_runs"], base["prefill_runs"])]
+        per_round = [x for x in per_round if x is not None]
+        r["prefill_ratio_paired"] = statistics.median(per_round) if per_round else None
         r["decode_ratio"] = ratio(r["decode_s_per_token"], base["decode_s_per_token"])
         r["analytic_prefill_ratio"] = r["flops_prefill"] / base["flops_prefill"]
         r["analytic_decode_ratio"] = r["flops_decode_per_token"] / base["flops_decode_per_token"]
