@@ -3,9 +3,9 @@ import json
 import os
 
 import pytest
-from conftest import SHARED_DATA
 from typer.testing import CliRunner
 
+from conftest import SHARED_DATA
 from vtoolkit.eval.cli_score import score_app
 
 DATA = SHARED_DATA

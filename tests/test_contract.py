@@ -12,11 +12,10 @@ import pytest
 import torch
 
 import vtoolkit as vt
+from conftest import ARCHS, assert_same_continuation, tiny_model
 from vtoolkit.hooks import count_hooks
 from vtoolkit.hooks.attention import interceptor_count
 from vtoolkit.models.tiny import demo_image
-
-from conftest import ARCHS, assert_same_continuation, tiny_model
 
 # name -> (neutral overrides, active overrides, decisions independent of decoded tokens)
 CASES = {

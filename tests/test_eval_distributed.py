@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 from conftest import tiny_model
-
 from vtoolkit.eval import demo_data as dd
 from vtoolkit.eval.runner import evaluate, read_predictions, resolve_config
 

@@ -2,8 +2,8 @@
 import json
 
 import pytest
-from conftest import tiny_model
 
+from conftest import tiny_model
 from vtoolkit.eval import demo_data as dd
 from vtoolkit.eval.runner import RunInterrupted, evaluate, read_predictions, resolve_config
 

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import tiny_model
 from typer.testing import CliRunner
 
+from conftest import tiny_model
 from vtoolkit.eval import demo_data as dd
 from vtoolkit.eval.report import write_report
 from vtoolkit.eval.runner import read_predictions

@@ -4,9 +4,8 @@ import torch
 
 import vtoolkit as vt
 import vtoolkit.methods.fastv as fastv_mod
-from vtoolkit.hooks import count_hooks
-
 from conftest import assert_same_continuation, sample_batch, tiny_model
+from vtoolkit.hooks import count_hooks
 
 GEN = dict(max_new_tokens=4, do_sample=False)
 

@@ -3,10 +3,9 @@ import pytest
 import torch
 
 import vtoolkit as vt
+from conftest import sample_batch, tiny_model
 from vtoolkit.hooks import count_hooks
 from vtoolkit.hooks.attention import interceptor_count
-
-from conftest import sample_batch, tiny_model
 
 
 @torch.no_grad()
@@ -33,7 +32,7 @@ def test_exception_inside_with_leaves_no_hooks(arch):
     with pytest.raises(ZeroDivisionError):
         with vt.apply_method(model, "none") as h:
             assert count_hooks(model) > before
-            1 / 0
+            _ = 1 / 0
     assert count_hooks(model) == before
     assert not h.active
     assert vt.active_handles(model) == []
@@ -61,8 +60,9 @@ def test_unknown_method_suggests_closest_name():
 
 
 def test_unknown_option_suggests_closest_field():
-    from vtoolkit.config import MethodConfig
     from dataclasses import dataclass
+
+    from vtoolkit.config import MethodConfig
 
     @dataclass(frozen=True)
     class C(MethodConfig):

@@ -3,9 +3,8 @@ import pytest
 import torch
 
 import vtoolkit as vt
-from vtoolkit.hooks import count_hooks
-
 from conftest import assert_same_continuation, sample_batch, tiny_model
+from vtoolkit.hooks import count_hooks
 
 GEN = dict(max_new_tokens=5, do_sample=False)
 

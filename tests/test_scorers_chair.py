@@ -5,8 +5,8 @@ import json
 import os
 
 import pytest
-from conftest import SHARED_DATA
 
+from conftest import SHARED_DATA
 from vtoolkit.eval.scorers import chair as chair_mod
 from vtoolkit.eval.scorers.chair import (
     CHAIR,

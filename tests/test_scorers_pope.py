@@ -3,8 +3,8 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import SHARED_DATA
 
+from conftest import SHARED_DATA
 from vtoolkit.eval.scorers.pope import (
     POPE_RULES,
     load_pope_answers,

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from typing import Any, Iterable, Union
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 
@@ -16,13 +17,12 @@ from vtoolkit.config import MethodConfig
 from vtoolkit.hooks.context import CallContext
 from vtoolkit.hooks.hookset import HookSet
 from vtoolkit.models.base import get_adapter
-from vtoolkit.registry import MethodSpec, get_method
-from vtoolkit.registry import _ensure_loaded, _METHODS  # noqa: F401  (config -> spec lookup)
+from vtoolkit.registry import _METHODS, MethodSpec, _ensure_loaded, get_method  # noqa: F401  (config -> spec lookup)
 
-MethodLike = Union[str, MethodConfig, tuple]
+MethodLike = str | MethodConfig | tuple
 
 # unwrapped model -> handles currently applied to it
-_ACTIVE: "weakref.WeakKeyDictionary[torch.nn.Module, list[MethodHandle]]" = weakref.WeakKeyDictionary()
+_ACTIVE: weakref.WeakKeyDictionary[torch.nn.Module, list[MethodHandle]] = weakref.WeakKeyDictionary()
 
 
 def _spec_for_config(cfg: MethodConfig) -> MethodSpec:
@@ -127,7 +127,7 @@ class MethodHandle:
                 if not lst:
                     del _ACTIVE[self._inner]
 
-    def __enter__(self) -> "MethodHandle":
+    def __enter__(self) -> MethodHandle:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -31,7 +31,7 @@ class Shape:
     vocab: int
 
     @classmethod
-    def from_model(cls, model, crops: int = 1) -> "Shape":
+    def from_model(cls, model, crops: int = 1) -> Shape:
         from vtoolkit.models import get_adapter
 
         a = get_adapter(model)

@@ -11,8 +11,14 @@ import torch
 def build(llm_layers: int = 16, hidden: int = 2048, heads: int = 16, kv_heads: int = 16, intermediate: int = 5632,
           vocab: int = 32000, vision_layers: int = 24, vision_hidden: int = 1024, image_size: int = 336,
           dtype=torch.bfloat16, seed: int = 0):
-    from transformers import CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig
-    from transformers import LlavaForConditionalGeneration, LlavaProcessor
+    from transformers import (
+        CLIPImageProcessorPil,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
     from transformers.initialization import no_init_weights
 
     from vtoolkit.models.tiny import build_tokenizer

@@ -7,7 +7,6 @@ which is always measured first, on the same model and batch.
 from __future__ import annotations
 
 import dataclasses
-
 import math
 import platform
 import statistics

@@ -82,7 +82,7 @@ def build_table(run_dirs: Sequence[str | Path]):
         return df
     for col in ("baseline_score", "delta", "rel_score", "speedup", "token_ratio"):
         df[col] = None
-    for (model, bench), grp in df.groupby(["model", "bench"], sort=False):
+    for _key, grp in df.groupby(["model", "bench"], sort=False):
         base = grp[grp["method"] == "none"]
         if base.empty:
             continue

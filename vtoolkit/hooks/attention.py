@@ -14,12 +14,12 @@ An interceptor is ``fn(module, query, key, value, attention_mask, kwargs) -> Non
 from __future__ import annotations
 
 import weakref
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
 PREFIX = "vtoolkit_"
-_INTERCEPTORS: "weakref.WeakKeyDictionary[torch.nn.Module, list]" = weakref.WeakKeyDictionary()
+_INTERCEPTORS: weakref.WeakKeyDictionary[torch.nn.Module, list] = weakref.WeakKeyDictionary()
 _REGISTERED: set[str] = set()
 # config object id -> [config, base implementation, number of users]
 _SWITCHED: dict[int, list] = {}

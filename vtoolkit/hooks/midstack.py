@@ -12,7 +12,7 @@ Masks are produced in the format the incoming one has: boolean (SDPA; ``None`` c
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

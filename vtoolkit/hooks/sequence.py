@@ -16,8 +16,8 @@ Position policies (``positions=``):
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

@@ -7,9 +7,8 @@ Same budget rules as FasterVLM (:mod:`vtoolkit.methods.prune_base`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import hashlib
+from dataclasses import dataclass
 
 import torch
 

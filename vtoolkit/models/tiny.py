@@ -57,7 +57,7 @@ class TinySpec:
     qwen_min_pixels: int = 56 * 56
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tokenizer_json(specials: tuple[str, ...], bos: str | None, eos: str, pad: str, add_bos: bool) -> str:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
@@ -136,8 +136,12 @@ def _build_llava(s: TinySpec):
 
 
 def _build_llava_next(s: TinySpec):
-    from transformers import (LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessorPil,
-                              LlavaNextProcessor)
+    from transformers import (
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessorPil,
+        LlavaNextProcessor,
+    )
 
     tok = build_tokenizer(["<image>"])
     n = s.image_size
@@ -172,7 +176,8 @@ def _build_qwen(arch: str, s: TinySpec):
                   vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
     patch = 14
     if arch == "qwen2_vl":
-        from transformers import Qwen2VLConfig as Config, Qwen2VLForConditionalGeneration as Model
+        from transformers import Qwen2VLConfig as Config
+        from transformers import Qwen2VLForConditionalGeneration as Model
         from transformers import Qwen2VLProcessor as Proc
 
         text.update(rope_parameters={"rope_type": "default", "mrope_section": section, "rope_theta": 1e6},
@@ -181,7 +186,8 @@ def _build_qwen(arch: str, s: TinySpec):
                       num_heads=s.vision_heads, patch_size=patch, spatial_merge_size=2, temporal_patch_size=2,
                       initializer_range=s.init_range)
     elif arch == "qwen2_5_vl":
-        from transformers import Qwen2_5_VLConfig as Config, Qwen2_5_VLForConditionalGeneration as Model
+        from transformers import Qwen2_5_VLConfig as Config
+        from transformers import Qwen2_5_VLForConditionalGeneration as Model
         from transformers import Qwen2_5_VLProcessor as Proc
 
         text.update(rope_parameters={"rope_type": "default", "mrope_section": section, "rope_theta": 1e6},
@@ -191,7 +197,8 @@ def _build_qwen(arch: str, s: TinySpec):
                       spatial_merge_size=2, temporal_patch_size=2, window_size=56,
                       fullatt_block_indexes=[s.vision_layers - 1], initializer_range=s.init_range)
     elif arch == "qwen3_vl":
-        from transformers import Qwen3VLConfig as Config, Qwen3VLForConditionalGeneration as Model
+        from transformers import Qwen3VLConfig as Config
+        from transformers import Qwen3VLForConditionalGeneration as Model
         from transformers import Qwen3VLProcessor as Proc
 
         patch = 16

@@ -8,9 +8,9 @@ import gzip
 import json
 import re
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
-PathLike = Union[str, Path]
+PathLike = str | Path
 
 __all__ = ["first_key", "read_json_any", "read_json_records", "vlmevalkit_yorn"]
 
