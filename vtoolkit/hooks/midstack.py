@@ -64,8 +64,9 @@ class MidStackPruner:
         keep_visual = self.select(self.ctx)
         B, L = ids.shape
         m2 = self.ctx.inputs.get("attention_mask")
-        nonpad = m2.bool() if m2 is not None else torch.ones(B, L, dtype=torch.bool, device=ids.device)
-        keep_idx, valid = keep_plan(vis, nonpad, keep_visual)
+        dev = hidden.device   # this layer's device (device_map may split the model)
+        nonpad = m2.bool().to(dev) if m2 is not None else torch.ones(B, L, dtype=torch.bool, device=dev)
+        keep_idx, valid = keep_plan(vis.to(dev), nonpad, keep_visual)
         if is_identity(keep_idx, L):
             return  # nothing dropped: the layers run unchanged
         self.plan = {"L": L, "keep_idx": keep_idx, "valid": valid, "prefill_mask": None}

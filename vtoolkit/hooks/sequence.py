@@ -124,8 +124,9 @@ class SequencePruner:
         if mask is not None and mask2d is None:
             raise ValueError("vtoolkit pruning needs a 2-D attention_mask (or none), got a "
                              f"{mask.dim()}-D mask")
-        nonpad = mask2d.bool() if mask2d is not None else torch.ones(B, L, dtype=torch.bool, device=ids.device)
-        keep_idx, valid = keep_plan(vis, nonpad, keep_visual)
+        dev = emb.device   # plan where the LLM's first layer lives (input_ids may sit elsewhere with device_map)
+        nonpad = mask2d.bool().to(dev) if mask2d is not None else torch.ones(B, L, dtype=torch.bool, device=dev)
+        keep_idx, valid = keep_plan(vis.to(dev), nonpad, keep_visual)
         K = keep_idx.shape[1]
         shift = nonpad.sum(1) - valid.sum(1)
         self.plan = PrunePlan(L, keep_idx, valid, shift)
@@ -134,7 +135,7 @@ class SequencePruner:
 
         pos = kwargs.get("position_ids")
         if pos is None and self.positions == "original":
-            pos = torch.arange(L, device=ids.device).expand(B, L)
+            pos = torch.arange(L, device=dev).expand(B, L)
         new_emb, new_pos, new_mask = gather_kept(emb, keep_idx, pos, mask2d)
         new_mask = valid.to(mask2d.dtype if mask2d is not None else torch.long)
         if new_pos is not None:

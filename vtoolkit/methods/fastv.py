@@ -91,9 +91,9 @@ class FastV(Method):
         for b, sample in enumerate(ctx.spans):
             kb, ib = [], []
             for span in sample:
-                s = self._scores[b, span.positions]
+                s = self._scores[b, span.positions.to(self._scores.device)]
                 t = max(1, math.floor((1 - self.config.ratio) * span.num_tokens + 0.5))
-                sel = torch.topk(s, t, sorted=False).indices.sort().values
+                sel = torch.topk(s, t, sorted=False).indices.sort().values.to(span.positions.device)
                 kb.append(span.positions[sel])
                 ib.append(sel.cpu())
             keep.append(torch.cat(kb) if kb else torch.zeros(0, dtype=torch.long))
