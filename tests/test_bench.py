@@ -107,3 +107,23 @@ def test_make_batch_reaches_prompt_tokens():
     short = make_batch(model, proc, 2)["input_ids"]
     long = make_batch(model, proc, 2, prompt_tokens=short.shape[1] + 40)["input_ids"]
     assert short.shape[0] == 2 and short.shape[1] + 40 <= long.shape[1] < short.shape[1] + 80
+
+
+def test_bench_other_methods_and_option_errors(tmp_path):
+    from typer.testing import CliRunner
+
+    from vtoolkit.cli import app
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["bench", "--shape", "tiny", "--method", "fastv", "--keep-ratios", "0.5"])
+    assert res.exit_code != 0 and "has no keep_ratio option" in res.output
+    res = runner.invoke(app, ["bench", "--shape", "tiny", "--method", "fastv", "--keep-ratios", "", "--set",
+                              "rato=0.5"])
+    assert res.exit_code != 0 and "Did you mean 'ratio'" in res.output
+    out = tmp_path / "rows.json"
+    res = runner.invoke(app, ["bench", "--shape", "tiny", "--method", "fastv", "--keep-ratios", "", "--set",
+                              "ratio=0.5", "--decode-tokens", "1", "--repeats", "1", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(out.read_text())
+    assert [r["method"] for r in rows] == ["baseline", "fastv"] and rows[1]["ratio"] == 0.5
+    assert rows[1]["visual_tokens"] == 32 and rows[1]["pruned_from_layer"] == 2

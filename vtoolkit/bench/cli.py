@@ -14,7 +14,10 @@ def _fmt(x, spec: str) -> str:
 
 def bench(shape: str = typer.Option("midsize", help="midsize (CLIP-L/336 + 16x2048 Llama, bf16) or tiny"),
           method: str = typer.Option("fastervlm", help="method to benchmark"),
-          keep_ratios: str = typer.Option("0.25,0.10,0.05", help="comma-separated keep_ratio values"),
+          keep_ratios: str = typer.Option("0.25,0.10,0.05", help="comma-separated keep_ratio values, one row each "
+                                                                  "('' for methods without keep_ratio)"),
+          sets: list[str] = typer.Option([], "--set", help="key=value method option for every row, e.g. ratio=0.5 "
+                                                           "for fastv"),
           batch_size: int = typer.Option(1, min=1), decode_tokens: int = typer.Option(8, min=0),
           repeats: int = typer.Option(3, min=1),
           prompt_tokens: int = typer.Option(0, min=0, help="lengthen the question to at least this many prompt "
@@ -36,6 +39,19 @@ def bench(shape: str = typer.Option("midsize", help="midsize (CLIP-L/336 + 16x20
         ratios = [float(x) for x in keep_ratios.split(",") if x.strip()]
     except ValueError:
         raise typer.BadParameter(f"--keep-ratios must be comma-separated numbers, got {keep_ratios!r}") from None
+    import vtoolkit as vt
+    from vtoolkit.config import parse_overrides
+
+    fixed = parse_overrides(sets)
+    try:
+        cfg_cls = vt.get_config_class(method)
+        cfg_cls.check_keys(fixed)
+    except (KeyError, TypeError) as e:
+        raise typer.BadParameter(str(e).strip('"')) from None
+    if ratios and "keep_ratio" not in cfg_cls.field_names():
+        raise typer.BadParameter(f"{method!r} has no keep_ratio option; pass --keep-ratios '' and set its options "
+                                 f"with --set (options: {', '.join(cfg_cls.field_names())})")
+    settings = [(method, {**fixed, "keep_ratio": r}) for r in ratios] or [(method, fixed)]
     console = Console()
     torch.manual_seed(0)
     t0 = time.perf_counter()
@@ -46,21 +62,22 @@ def bench(shape: str = typer.Option("midsize", help="midsize (CLIP-L/336 + 16x20
         else:
             model, proc = midsize.tiny_shape()
     console.log(f"built the {shape} model in {time.perf_counter() - t0:.1f} s")
-    rows = run_bench(model, proc, [(method, {"keep_ratio": r}) for r in ratios], batch_size=batch_size,
+    rows = run_bench(model, proc, settings, batch_size=batch_size,
                      prompt_tokens=prompt_tokens or None, decode_tokens=decode_tokens, repeats=repeats,
                      progress=lambda s: console.log(f"measuring {s}"))
     b = rows[0]
     table = Table(title=f"{method} on {shape} ({b['dtype']}, {b['device']}, batch {b['batch_size']}, "
                         f"{b['prompt_tokens']} prompt tokens)",
-                  caption="x base: measured ratio to the baseline row; bound: analytic FLOPs ratio (the vision tower "
-                          "is not pruned, so the prefill bound stays well above keep_ratio)")
+                  caption="x base: median over rounds of the ratio to the baseline measured in the same round; "
+                          "bound: analytic FLOPs ratio (the vision tower is not pruned, so the prefill bound stays "
+                          "well above keep_ratio)")
     for col in ("setting", "visual", "LLM tokens", "prefill s", "x base", "bound", "decode s/tok", "x base",
                 "bound", "peak GB", "+GB"):
         table.add_column(col, justify="left" if col == "setting" else "right")
-    for r in rows:
-        setting = "baseline" if r["method"] == "baseline" else f"{r['method']} keep_ratio={r.get('keep_ratio')}"
+    labels = ["baseline"] + [f"{m} " + " ".join(f"{k}={v}" for k, v in o.items()) for m, o in settings]
+    for r, setting in zip(rows, labels):
         table.add_row(setting, str(r["visual_tokens"]), str(r["llm_tokens_after_pruning"]), _fmt(r["prefill_s"], ".3f"),
-                      _fmt(r["prefill_ratio"], ".3f"), _fmt(r["analytic_prefill_ratio"], ".3f"),
+                      _fmt(r["prefill_ratio_paired"], ".3f"), _fmt(r["analytic_prefill_ratio"], ".3f"),
                       _fmt(r["decode_s_per_token"], ".4f"), _fmt(r["decode_ratio"], ".3f"),
                       _fmt(r["analytic_decode_ratio"], ".3f"), _fmt(r["peak_mem_bytes"] / 1e9, ".2f"),
                       _fmt(r["peak_mem_delta_bytes"] / 1e9, ".2f"))
