@@ -17,7 +17,7 @@ from vtoolkit.config import MethodConfig
 from vtoolkit.hooks.context import CallContext
 from vtoolkit.hooks.hookset import HookSet
 from vtoolkit.models.base import get_adapter
-from vtoolkit.registry import _METHODS, MethodSpec, _ensure_loaded, get_method  # noqa: F401  (config -> spec lookup)
+from vtoolkit.registry import MethodSpec, get_method, spec_for_config
 
 MethodLike = str | MethodConfig | tuple
 
@@ -25,20 +25,12 @@ MethodLike = str | MethodConfig | tuple
 _ACTIVE: weakref.WeakKeyDictionary[torch.nn.Module, list[MethodHandle]] = weakref.WeakKeyDictionary()
 
 
-def _spec_for_config(cfg: MethodConfig) -> MethodSpec:
-    _ensure_loaded()
-    for spec in _METHODS.values():
-        if type(cfg) is spec.config_cls:
-            return spec
-    raise TypeError(f"{type(cfg).__name__} is not the config of a registered method")
-
-
 def _resolve(item: MethodLike, overrides: dict[str, Any]) -> tuple[MethodSpec, MethodConfig]:
     if isinstance(item, tuple):
         name, opts = item
         return _resolve(name, {**(opts or {}), **overrides})
     if isinstance(item, MethodConfig):
-        spec = _spec_for_config(item)
+        spec = spec_for_config(item)
         return spec, item.replace(**overrides) if overrides else item
     if isinstance(item, str):
         spec = get_method(item)

@@ -116,6 +116,15 @@ def get_method(name: str) -> MethodSpec:
     return _METHODS[key]
 
 
+def spec_for_config(cfg) -> MethodSpec:
+    """The registered method whose config class is exactly ``type(cfg)``."""
+    _ensure_loaded()
+    for spec in _METHODS.values():
+        if type(cfg) is spec.config_cls:
+            return spec
+    raise TypeError(f"{type(cfg).__name__} is not the config of a registered method")
+
+
 def list_methods(pattern: str = "*") -> list[dict[str, Any]]:
     """Registered methods matching a glob: name, kind, stage, architectures, requirements, description."""
     _ensure_loaded()

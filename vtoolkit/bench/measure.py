@@ -73,19 +73,11 @@ _STATUS = "/proc/self/status"
 _CLEAR_REFS = "/proc/self/clear_refs"
 
 
-def _vm_hwm_bytes() -> int | None:
+def _status_bytes(field: str) -> int | None:
+    """A ``kB`` field of /proc/self/status (``VmRSS``, ``VmHWM``) in bytes, or None where unavailable."""
     try:
         with open(_STATUS) as fh:
-            m = re.search(r"^VmHWM:\s+(\d+)\s*kB", fh.read(), re.MULTILINE)
-        return int(m.group(1)) * 1024 if m else None
-    except OSError:
-        return None
-
-
-def _current_rss_bytes() -> int | None:
-    try:
-        with open(_STATUS) as fh:
-            m = re.search(r"^VmRSS:\s+(\d+)\s*kB", fh.read(), re.MULTILINE)
+            m = re.search(rf"^{field}:\s+(\d+)\s*kB", fh.read(), re.MULTILINE)
         return int(m.group(1)) * 1024 if m else None
     except OSError:
         return None
@@ -108,7 +100,7 @@ def current_memory_bytes(device=None) -> int:
     """Memory in use now: ``torch.cuda.memory_allocated`` on GPU, the resident set (RSS) on CPU."""
     if _is_cuda(device):
         return int(torch.cuda.memory_allocated(device))
-    rss = _current_rss_bytes()
+    rss = _status_bytes("VmRSS")
     return rss if rss is not None else peak_memory_bytes(device)
 
 
@@ -117,7 +109,7 @@ def peak_memory_bytes(device=None) -> int:
     (``VmHWM``, since the last reset where the OS supports it; otherwise ``ru_maxrss`` since process start)."""
     if _is_cuda(device):
         return int(torch.cuda.max_memory_allocated(device))
-    hwm = _vm_hwm_bytes()
+    hwm = _status_bytes("VmHWM")
     if hwm is not None:
         return hwm
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -46,11 +46,11 @@ class CallContext:
         # wrapper, restored on removal; the signature is preserved because generate inspects it).
         core = self.adapter.core
         original = core.get_image_features
+        names = list(inspect.signature(original).parameters)
 
         @functools.wraps(original)
         def get_image_features(*args, **kwargs):
             if hooks.active:
-                names = list(inspect.signature(original).parameters)
                 rec = dict(zip(names, args))
                 rec.update(kwargs)
                 self._encoder_inputs = {k: rec[k] for k in _CAPTURED if rec.get(k) is not None}

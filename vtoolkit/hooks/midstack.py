@@ -54,10 +54,9 @@ class MidStackPruner:
 
     # ------------------------------------------------------------------------------------------------------------
     def _plan(self, hidden, kwargs):
+        """Called at prefill when ``hidden`` covers the whole prompt (``_is_full_prompt``)."""
         self.plan = None
-        ids = self.ctx.inputs.get("input_ids")
-        if ids is None or ids.shape[1] != hidden.shape[1]:
-            return
+        ids = self.ctx.inputs["input_ids"]
         vis = ids == self.adapter.image_token_id
         if not bool(vis.any()):
             return

@@ -136,8 +136,8 @@ class SequencePruner:
         pos = kwargs.get("position_ids")
         if pos is None and self.positions == "original":
             pos = torch.arange(L, device=dev).expand(B, L)
-        new_emb, new_pos, new_mask = gather_kept(emb, keep_idx, pos, mask2d)
-        new_mask = valid.to(mask2d.dtype if mask2d is not None else torch.long)
+        new_emb, new_pos, _ = gather_kept(emb, keep_idx, pos, None)
+        new_mask = valid.to(mask2d.dtype if mask2d is not None else torch.long)   # kept tokens are never pads
         if new_pos is not None:
             contiguous = (valid.long().cumsum(-1) - 1).masked_fill(~valid, 0)
             if self.positions == "contiguous":
