@@ -238,3 +238,19 @@ def test_remove_leaves_no_instance_attributes(arch):
     with vt.apply_method(model, "none"):
         assert "get_image_features" in vars(adapter.core)
     assert {id(m): set(vars(m)) for m in model.modules()} == snapshot
+
+
+@torch.no_grad()
+def test_apply_with_a_config_object():
+    model, _, _ = tiny_model("llava")
+    cfg = vt.get_config_class("fastervlm")(keep_tokens=8)
+    with vt.apply_method(model, cfg) as h:
+        model(**sample_batch("llava", n=2))
+        assert h.config is cfg and h.stats["visual_tokens_after"] == [8, 8]
+    with vt.apply_method(model, cfg, keep_tokens=4) as h:   # overrides on top of a config object
+        model(**sample_batch("llava", n=1))
+        assert h.stats["visual_tokens_after"] == [4]
+    with pytest.raises(TypeError, match="not the config of a registered method"):
+        from vtoolkit.config import MethodConfig
+
+        vt.apply_method(model, MethodConfig())
