@@ -82,11 +82,14 @@ def test_lmms_eval_cli_runs_offline(tmp_path):
            "--tasks", "pope_vtk_local", "--include_path", str(tmp_path / "tasks"), "--batch_size", "2",
            "--output_path", str(tmp_path / "out"), "--log_samples"]
     p = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=400, check=False)
+    # lmms-eval 0.7.3 logs a failed evaluation and still exits 0: judge by what it wrote, and by its log
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "Traceback" not in p.stdout + p.stderr, p.stderr[-3000:]
     res = list((tmp_path / "out").rglob("*_results.json"))
     assert res, p.stderr[-2000:]
     data = json.loads(res[0].read_text())
     r = data["results"]["pope_vtk_local"]
-    assert "pope_accuracy,none" in r and "pope_f1_score,none" in r
+    for key in ("pope_accuracy,none", "pope_f1_score,none"):
+        assert isinstance(r[key], (int, float)) and 0.0 <= r[key] <= 1.0, r
     samples = list((tmp_path / "out").rglob("*_samples_pope_vtk_local.jsonl"))
     assert samples and len(samples[0].read_text().splitlines()) == 4

@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import importlib
 
+from vtoolkit.compat import TESTED_RANGE, check_transformers_version
+
 __version__ = "0.1.0"
+
+check_transformers_version(stacklevel=2)   # warns once when transformers is outside TESTED_RANGE
 
 _LAZY = {
     "apply_method": "vtoolkit.api", "MethodHandle": "vtoolkit.api", "active_handles": "vtoolkit.api",
@@ -43,5 +47,5 @@ def __dir__():
     return sorted(set(globals()) | set(_LAZY) | set(_SUBMODULES))
 
 
-__all__ = ["apply_method", "MethodHandle", "active_handles", "list_methods", "get_method", "get_config_class",
+__all__ = ["TESTED_RANGE", "apply_method", "MethodHandle", "active_handles", "list_methods", "get_method", "get_config_class",
            "register_method", "MethodConfig", "models", "__version__"]

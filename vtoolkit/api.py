@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from vtoolkit.compat import check_transformers_version
 from vtoolkit.config import MethodConfig
 from vtoolkit.hooks.context import CallContext
 from vtoolkit.hooks.hookset import HookSet
@@ -136,6 +137,7 @@ def apply_method(model: torch.nn.Module, method: MethodLike | Iterable[MethodLik
     >>> out = model.generate(**inputs)
     >>> h.remove()
     """
+    check_transformers_version(stacklevel=3)
     items = list(method) if isinstance(method, (list,)) else [method]
     if not items:
         raise ValueError("no method given")

@@ -4,6 +4,12 @@ One pre-hook on the top-level model sees every forward that ``generate`` (or the
 cache is empty (or absent) is a new prefill: the context records its inputs, drops the previous call's layout and
 tells every method (``on_prefill``) to reset its per-call state. Later forwards of the same call are decode steps.
 Nothing is carried from one call to the next.
+
+No silent no-op: a method that needs one of its hooks to run in a forward says so with :meth:`CallContext.expect`
+(usually from ``on_prefill`` / ``on_step`` when the call has visual input); the hook reports with
+:meth:`CallContext.mark`. A post-hook on the top-level model checks, at the end of every forward, that each expected
+hook ran, and raises otherwise, naming the method, the hook and the transformers version (a renamed argument, a
+bypassed code path or an unsupported input kind would otherwise return unmodified output without a word).
 """
 from __future__ import annotations
 
@@ -14,19 +20,10 @@ from typing import Any
 
 import torch
 
+from vtoolkit.compat import cache_length, get_cache, support_hint
+
 _CAPTURED = ("input_ids", "attention_mask", "position_ids", "image_sizes", "image_grid_thw", "video_grid_thw",
              "mm_token_type_ids", "pixel_values")
-
-
-def cache_length(past) -> int:
-    if past is None:
-        return 0
-    if hasattr(past, "get_seq_length"):
-        return int(past.get_seq_length())
-    try:  # legacy tuple cache
-        return int(past[0][0].shape[-2])
-    except Exception:  # pragma: no cover
-        return 0
 
 
 class CallContext:
@@ -38,9 +35,13 @@ class CallContext:
         self.num_calls = 0
         self._spans = None
         self._arg_names = list(inspect.signature(adapter.model.forward).parameters)
+        self.has_visual = False   # this call's prompt holds visual input
+        self._expected: dict[str, str] = {}   # key -> "owner: what did not happen", for the current forward
+        self._marked: set[str] = set()
 
     def install(self, hooks) -> None:
         hooks.forward_pre(self.adapter.model, self._pre_forward, with_kwargs=True, prepend=True)
+        hooks.forward(self.adapter.model, self._post_forward)
         # ``generate`` runs the vision encoder before the prefill forward and pops pixel_values / image_sizes /
         # image_grid_thw from the forward's kwargs; record them where the encoder is called (an instance-level
         # wrapper, restored on removal; the signature is preserved because generate inspects it).
@@ -69,7 +70,8 @@ class CallContext:
     def _pre_forward(self, module, args, kwargs):
         kw = dict(zip(self._arg_names, args))
         kw.update(kwargs)
-        if cache_length(kw.get("past_key_values")) == 0:
+        self._expected, self._marked = {}, set()
+        if cache_length(get_cache(kw)) == 0:
             self.inputs = {k: kw.get(k) for k in _CAPTURED}
             mm = kw.get("mm_encoder_outputs") or {}
             self.features_from_hooked_encoder = True
@@ -79,6 +81,7 @@ class CallContext:
                 for k, v in self._encoder_inputs.items():   # (kept for every prefill of the call: use_cache=False)
                     if self.inputs.get(k) is None:
                         self.inputs[k] = v
+            self.has_visual = self._visual_input(mm)
             self._spans = None
             self.step = 0
             self.num_calls += 1
@@ -86,6 +89,35 @@ class CallContext:
                 listener.on_prefill(self)
         else:
             self.step += 1
+            for listener in self.listeners:
+                on_step = getattr(listener, "on_step", None)
+                if on_step is not None:
+                    on_step(self)
+        return None
+
+    def _visual_input(self, mm) -> bool:
+        ids = self.inputs.get("input_ids")
+        if ids is not None and bool((ids == self.adapter.image_token_id).any()):
+            return True
+        return any(self.inputs.get(k) is not None for k in ("pixel_values", "pixel_values_videos")) or bool(mm)
+
+    # -- no silent no-op ----------------------------------------------------------------------------------------
+    def expect(self, key: str, owner: str, what: str) -> None:
+        """Require that :meth:`mark` ``(key)`` is called before the current forward ends; ``what`` says what the
+        missing hook means (e.g. "the language-model hook did not see this prefill: nothing was pruned")."""
+        self._expected[key] = f"{owner}: {what}"
+
+    def mark(self, key: str) -> None:
+        """A hook that :meth:`expect` asked for ran in this forward."""
+        self._marked.add(key)
+
+    def _post_forward(self, module, args, output):
+        missing = [msg for key, msg in self._expected.items() if key not in self._marked]
+        self._expected, self._marked = {}, set()
+        if missing:
+            stage = "prefill" if self.step == 0 else f"decode step {self.step}"
+            raise RuntimeError(f"{'; '.join(missing)} (in the {stage} of this call). The method did not run as "
+                               f"designed, so the output is not the method's: {support_hint()}")
         return None
 
     @property

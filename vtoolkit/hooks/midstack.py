@@ -16,16 +16,18 @@ from collections.abc import Callable
 
 import torch
 
+from vtoolkit.compat import cache_length, get_cache
 from vtoolkit.hooks.sequence import is_identity, keep_plan
 from vtoolkit.kernels import gather_kept
 
 
 class MidStackPruner:
-    def __init__(self, adapter, ctx, layer: int, select: Callable):
+    def __init__(self, adapter, ctx, layer: int, select: Callable, owner: str = "pruning"):
         n = adapter.num_layers
         if not 1 <= layer < n:
             raise ValueError(f"layer must be in [1, {n - 1}] for a {n}-layer LLM, got {layer}")
         self.adapter, self.ctx, self.layer, self.select = adapter, ctx, layer, select
+        self.owner = owner
         self.plan = None
 
     def install(self, hooks) -> None:
@@ -35,12 +37,21 @@ class MidStackPruner:
 
     def on_prefill(self, ctx) -> None:
         self.plan = None
+        if ctx.has_visual:
+            ctx.expect(f"{self.owner}:layer{self.layer}", self.owner, f"the pre-hook of decoder layer {self.layer} did "
+                       f"not see this call's prefill, so no visual token was removed")
+
+    def on_step(self, ctx) -> None:
+        if self.plan is not None:
+            ctx.expect(f"{self.owner}:decode", self.owner, f"the pre-hooks of decoder layers >= {self.layer} did not "
+                       f"see this decode step, so their masks over the pruned cache were not applied")
 
     def _make_hook(self, i: int):
         def hook(module, args, kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
             # the context saw this forward start with an empty cache (layer 0's cache is already filled by now)
             if i == self.layer and self.ctx.is_prefill and self._is_full_prompt(hidden):
+                self.ctx.mark(f"{self.owner}:layer{self.layer}")
                 self._plan(hidden, kwargs)
             if self.plan is None:
                 return None
@@ -112,8 +123,9 @@ class MidStackPruner:
             kwargs["position_ids"] = p["pos"]
             return args, kwargs
         # decode: this layer's cache holds K prompt slots + the generated tokens so far
-        cache = kwargs.get("past_key_values")
-        past = cache.get_seq_length(i) if hasattr(cache, "get_seq_length") else K
+        self.ctx.mark(f"{self.owner}:decode")
+        cache = get_cache(kwargs)
+        past = cache_length(cache, i) if cache is not None else K
         q = hidden.shape[1]
         keys = torch.cat([valid, torch.ones(B, past + q - K, dtype=torch.bool, device=valid.device)], 1)
         kwargs["attention_mask"] = self._mask(kwargs.get("attention_mask"), keys, q)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vtoolkit.hooks.context import cache_length
+from vtoolkit.compat import cache_length, get_cache
 from vtoolkit.kernels import gather_kept
 
 POLICIES = ("contiguous", "original")
@@ -71,7 +71,7 @@ class SequencePruner:
     """Installs the language-model pre-hook. ``select(ctx) -> list[Tensor]``: per sample, sorted sequence
     positions of the *visual* tokens to keep (or ``None`` to keep that sample's visual tokens)."""
 
-    def __init__(self, adapter, ctx, select: Callable, positions: str):
+    def __init__(self, adapter, ctx, select: Callable, positions: str, owner: str = "pruning"):
         if positions not in POLICIES:
             raise ValueError(f"positions must be one of {POLICIES}, got {positions!r}")
         if adapter.position_kind == "mrope" and positions != "original":
@@ -81,6 +81,7 @@ class SequencePruner:
         self.ctx = ctx
         self.select = select
         self.positions = positions
+        self.owner = owner
         self.plan: PrunePlan | None = None
 
     def install(self, hooks) -> None:
@@ -89,6 +90,14 @@ class SequencePruner:
 
     def on_prefill(self, ctx) -> None:
         self.plan = None
+        if ctx.has_visual:
+            ctx.expect(f"{self.owner}:prefill", self.owner, "the language-model pre-hook did not see this call's "
+                       "prefill, so no visual token was pruned")
+
+    def on_step(self, ctx) -> None:
+        if self.plan is not None:
+            ctx.expect(f"{self.owner}:decode", self.owner, "the language-model pre-hook did not see this decode "
+                       "step, so the pruned sequence's attention mask and positions were not applied")
 
     # ------------------------------------------------------------------------------------------------------------
     def _pre(self, module, args, kwargs):
@@ -97,9 +106,11 @@ class SequencePruner:
         emb = kwargs.get("inputs_embeds")
         if emb is None:
             return None
-        if cache_length(kwargs.get("past_key_values")) == 0:
+        if cache_length(get_cache(kwargs)) == 0:
+            self.ctx.mark(f"{self.owner}:prefill")
             return self._prefill(kwargs, emb)
         if self.plan is not None:
+            self.ctx.mark(f"{self.owner}:decode")
             return self._decode(kwargs)
         return None
 

@@ -72,7 +72,7 @@ class FastV(Method):
         ctx.listeners.append(self)
         attn = self.adapter.attention(self.config.K - 1)
         intercept(hooks, self.adapter.text_config, [attn], self._observe)
-        MidStackPruner(self.adapter, ctx, self.config.K, self._select).install(hooks)
+        MidStackPruner(self.adapter, ctx, self.config.K, self._select, owner=self.name).install(hooks)
 
     def on_prefill(self, ctx) -> None:
         super().on_prefill(ctx)

@@ -76,7 +76,7 @@ class ScorePrune(Method):
         self.ctx = ctx
         ctx.listeners.append(self)
         self.install_scorer(hooks, ctx)
-        SequencePruner(self.adapter, ctx, self.select, self.positions_policy()).install(hooks)
+        SequencePruner(self.adapter, ctx, self.select, self.positions_policy(), owner=self.name).install(hooks)
 
     def install_scorer(self, hooks, ctx) -> None:
         return None
