@@ -26,15 +26,57 @@ def shared_data() -> Path:
 
 
 _MODELS = {}
+_CLEAN: dict = {}   # arch -> hook count of the freshly built model
+
+
+def _attrs(model):
+    """Instance attribute names per submodule (transformers' own lazy flags left out)."""
+    return {id(m): set(vars(m)) - {"_output_capturing_hooks_installed"} for m in model.modules()}
+
+
+@pytest.fixture(autouse=True)
+def _models_left_clean():
+    """Every test must leave the shared cached models as it found them: no active handle, no attention interceptor,
+    no extra hook, no instance attribute patched. A leak is cleaned up (so it cannot cascade into later tests) and
+    fails the test that caused it."""
+    yield
+    import vtoolkit as vt
+    from vtoolkit.hooks import count_hooks
+    from vtoolkit.hooks.attention import interceptor_count
+
+    problems = []
+    for arch, (model, _, _) in _MODELS.items():
+        handles = vt.active_handles(model)
+        for h in handles:
+            h.remove()
+        if handles:
+            problems.append(f"{arch}: {len(handles)} handle(s) left active")
+        if count_hooks(model) != _CLEAN[arch]["hooks"]:
+            problems.append(f"{arch}: {count_hooks(model) - _CLEAN[arch]['hooks']} extra hook(s)")
+        patched = _attrs(model) != _CLEAN[arch]["attrs"]
+        if patched:
+            problems.append(f"{arch}: instance attributes differ from the fresh model")
+        impl = model.config.get_text_config()._attn_implementation
+        if impl != _CLEAN[arch]["impl"]:
+            problems.append(f"{arch}: LLM attention implementation left at {impl!r}")
+    if interceptor_count():
+        problems.append(f"{interceptor_count()} attention interceptor(s) left")
+    if problems:
+        pytest.fail("test left the shared models dirty: " + "; ".join(problems))
 
 
 def tiny_model(arch: str):
     """A cached (model, processor, adapter) per arch; tests must leave the model as they found it."""
     if arch not in _MODELS:
         import vtoolkit as vt
+        from vtoolkit.hooks import count_hooks
 
         model, proc = vt.models.tiny.build(arch, seed=0)
         _MODELS[arch] = (model, proc, vt.models.get_adapter(model))
+        with torch.no_grad():   # transformers installs its output-capturing hooks at the first call: count after it
+            model.generate(**sample_batch(arch, n=1), max_new_tokens=1)
+        _CLEAN[arch] = {"hooks": count_hooks(model), "attrs": _attrs(model),
+                        "impl": model.config.get_text_config()._attn_implementation}
     return _MODELS[arch]
 
 

@@ -115,7 +115,7 @@ def test_bench_other_methods_and_option_errors(tmp_path):
     from vtoolkit.cli import app
 
     runner = CliRunner()
-    res = runner.invoke(app, ["bench", "--shape", "tiny", "--method", "fastv", "--keep-ratios", "0.5"])
+    res = runner.invoke(app, ["bench", "--shape", "tiny", "--method", "none", "--keep-ratios", "0.5"])
     assert res.exit_code != 0 and "has no keep_ratio option" in res.output
     res = runner.invoke(app, ["bench", "--shape", "tiny", "--method", "fastv", "--keep-ratios", "", "--set",
                               "rato=0.5"])

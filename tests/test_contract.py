@@ -15,6 +15,7 @@ import vtoolkit as vt
 from conftest import ARCHS, assert_same_continuation, tiny_model
 from vtoolkit.hooks import count_hooks
 from vtoolkit.hooks.attention import interceptor_count
+from vtoolkit.hooks.sequence import force_rewrite
 from vtoolkit.models.tiny import demo_image
 
 # name -> (neutral overrides, active overrides, decisions independent of decoded tokens)
@@ -22,7 +23,7 @@ CASES = {
     "none": ({}, {}, True),
     "fastervlm": ({"keep_ratio": 1.0}, {"keep_ratio": 0.3}, True),
     "random": ({"keep_ratio": 1.0}, {"keep_ratio": 0.3, "seed": 3}, True),
-    "fastv": ({"ratio": 0.0}, {"K": 2, "ratio": 0.5}, False),
+    "fastv": ({"keep_ratio": 1.0}, {"K": 2, "keep_ratio": 0.5}, False),
 }
 GEN = dict(max_new_tokens=4, do_sample=False)
 IMAGES = [((160, 120), "Is there a dog?"), ((200, 100), "Describe this image in detail, with every object you see."),
@@ -62,6 +63,8 @@ def test_contract(name, arch):
     with vt.apply_method(model, name, **neutral):                     # neutral == baseline
         assert torch.equal(model(**batch).logits, base_logits)
         assert torch.equal(model.generate(**batch, **GEN), base)
+        with force_rewrite():                                          # ... also through the rewrite path
+            assert torch.equal(model.generate(**batch, **GEN), base)
 
     h = vt.apply_method(model, name, **active)                         # active: batch == singles
     try:

@@ -95,15 +95,19 @@ def intercept(hooks, config, modules, fn: Callable) -> None:
         config._attn_implementation = name
     entry[2] += 1
     mods = list(modules)
+
+    def interceptor(*args):          # inactive while the handle is disabled: the base attention runs untouched
+        return fn(*args) if hooks.active else None
+
     for m in mods:
-        _INTERCEPTORS.setdefault(m, []).append(fn)
+        _INTERCEPTORS.setdefault(m, []).append(interceptor)
 
     def restore():
         for m in mods:
             lst = _INTERCEPTORS.get(m)
             if lst is not None:
                 try:
-                    lst.remove(fn)
+                    lst.remove(interceptor)
                 except ValueError:
                     pass
                 if not lst:

@@ -79,7 +79,8 @@ class MidStackPruner:
         keep_idx, valid = keep_plan(vis.to(dev), nonpad, keep_visual)
         if is_identity(keep_idx, L):
             return  # nothing dropped: the layers run unchanged
-        self.plan = {"L": L, "keep_idx": keep_idx, "valid": valid, "prefill_mask": None}
+        self.plan = {"L": L, "keep_idx": keep_idx, "valid": valid, "per_device": {}}
+        self.ctx.layout.add(self.layer, keep_idx, valid)
 
     def _mask(self, like, valid_keys: torch.Tensor, q_len: int):
         """Causal mask for the last ``q_len`` of ``valid_keys.shape[1]`` keys, format of ``like``."""
@@ -99,34 +100,47 @@ class MidStackPruner:
         kwargs = dict(kwargs)
         keep_idx, valid = p["keep_idx"], p["valid"]
         B, K = keep_idx.shape
+        dev = hidden.device    # each layer gets its inputs on its own device (device_map may split the stack)
         if hidden.shape[1] == p["L"] and i == self.layer:          # prefill: shrink the sequence
+            keep_idx, valid = keep_idx.to(dev), valid.to(dev)
             new_hidden, _, _ = gather_kept(hidden, keep_idx, None, None)
             pe = kwargs.get("position_embeddings")
             if pe is not None:
                 kwargs["position_embeddings"] = tuple(
-                    torch.gather(t.expand(B, -1, -1), 1, keep_idx[..., None].expand(B, K, t.shape[-1])) for t in pe)
+                    torch.gather(t.to(dev).expand(B, -1, -1), 1, keep_idx[..., None].expand(B, K, t.shape[-1]))
+                    for t in pe)
             pos = kwargs.get("position_ids")
             if pos is not None and pos.dim() == 2 and pos.shape[-1] == p["L"]:
-                kwargs["position_ids"] = torch.gather(pos.expand(B, -1), 1, keep_idx)
-            p["pe"] = kwargs.get("position_embeddings")
-            p["pos"] = kwargs.get("position_ids")
-            p["prefill_mask"] = self._mask(kwargs.get("attention_mask"), valid, K)
-            kwargs["attention_mask"] = p["prefill_mask"]
+                kwargs["position_ids"] = torch.gather(pos.to(dev).expand(B, -1), 1, keep_idx)
+            kwargs["attention_mask"] = self._mask(kwargs.get("attention_mask"), valid, K)
+            p["per_device"] = {dev: (kwargs["attention_mask"], kwargs.get("position_embeddings"),
+                                     kwargs.get("position_ids"))}
             if args:
                 args = (new_hidden,) + tuple(args[1:])
             else:
                 kwargs["hidden_states"] = new_hidden
             return args, kwargs
-        if hidden.shape[1] == K:                                    # prefill, layers after k
-            kwargs["attention_mask"] = p["prefill_mask"]
-            kwargs["position_embeddings"] = p["pe"]
-            kwargs["position_ids"] = p["pos"]
+        if hidden.shape[1] == K and self.ctx.is_prefill:            # prefill, layers after k
+            if dev not in p["per_device"]:
+                p["per_device"][dev] = _to(next(iter(p["per_device"].values())), dev)
+            kwargs["attention_mask"], kwargs["position_embeddings"], kwargs["position_ids"] = p["per_device"][dev]
             return args, kwargs
         # decode: this layer's cache holds K prompt slots + the generated tokens so far
         self.ctx.mark(f"{self.owner}:decode")
         cache = get_cache(kwargs)
         past = cache_length(cache, i) if cache is not None else K
         q = hidden.shape[1]
-        keys = torch.cat([valid, torch.ones(B, past + q - K, dtype=torch.bool, device=valid.device)], 1)
-        kwargs["attention_mask"] = self._mask(kwargs.get("attention_mask"), keys, q)
+        valid = valid.to(dev)
+        keys = torch.cat([valid, torch.ones(B, past + q - K, dtype=torch.bool, device=dev)], 1)
+        like = kwargs.get("attention_mask")
+        kwargs["attention_mask"] = self._mask(like.to(dev) if like is not None else None, keys, q)
         return args, kwargs
+
+
+def _to(obj, device):
+    """Tensors (in tuples) moved to ``device``; None stays None."""
+    if obj is None:
+        return None
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    return type(obj)(_to(o, device) for o in obj)

@@ -16,6 +16,7 @@ Position policies (``positions=``):
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -25,6 +26,19 @@ from vtoolkit.compat import cache_length, get_cache
 from vtoolkit.kernels import gather_kept
 
 POLICIES = ("contiguous", "original")
+_FORCE_REWRITE = False
+
+
+@contextlib.contextmanager
+def force_rewrite():
+    """Tests: rewrite the sequence even when a plan keeps every position, so that "keep everything == baseline"
+    checks the gather / mask / position path, not the do-nothing shortcut."""
+    global _FORCE_REWRITE
+    old, _FORCE_REWRITE = _FORCE_REWRITE, True
+    try:
+        yield
+    finally:
+        _FORCE_REWRITE = old
 
 
 @dataclass
@@ -63,7 +77,9 @@ def keep_plan(vis: torch.Tensor, nonpad: torch.Tensor, keep_visual) -> tuple[tor
 
 
 def is_identity(keep_idx: torch.Tensor, length: int) -> bool:
-    """True when the plan keeps every position of every sample (nothing to rewrite)."""
+    """True when the plan keeps every position of every sample (nothing to rewrite; see :func:`force_rewrite`)."""
+    if _FORCE_REWRITE:
+        return False
     return keep_idx.shape[1] == length and bool((keep_idx == torch.arange(length, device=keep_idx.device)).all())
 
 
@@ -106,12 +122,13 @@ class SequencePruner:
         emb = kwargs.get("inputs_embeds")
         if emb is None:
             return None
-        if cache_length(get_cache(kwargs)) == 0:
+        cache = get_cache(kwargs)
+        if cache_length(cache) == 0:
             self.ctx.mark(f"{self.owner}:prefill")
             return self._prefill(kwargs, emb)
         if self.plan is not None:
             self.ctx.mark(f"{self.owner}:decode")
-            return self._decode(kwargs)
+            return self._decode(kwargs, cache_length(cache) + emb.shape[1], emb.device)
         return None
 
     def _prefill(self, kwargs, emb):
@@ -143,10 +160,13 @@ class SequencePruner:
         self.plan = PrunePlan(L, keep_idx, valid, shift)
         if is_identity(keep_idx, L):
             return None  # nothing dropped anywhere: the batch is already what the LLM should see
+        self.ctx.layout.add(0, keep_idx, valid)
 
         pos = kwargs.get("position_ids")
         if pos is None and self.positions == "original":
             pos = torch.arange(L, device=dev).expand(B, L)
+        elif pos is not None:
+            pos = pos.to(dev)
         new_emb, new_pos, _ = gather_kept(emb, keep_idx, pos, None)
         new_mask = valid.to(mask2d.dtype if mask2d is not None else torch.long)   # kept tokens are never pads
         if new_pos is not None:
@@ -169,21 +189,33 @@ class SequencePruner:
             return
         rope = pos[1:] if pos.shape[0] == 4 else pos
         max_pos = rope.masked_fill(~valid[None], -1).amax(dim=(0, 2))
-        core.rope_deltas = (max_pos + 1 - K).view(-1, 1).to(core.rope_deltas.dtype)
+        core.rope_deltas = (max_pos + 1 - K).view(-1, 1).to(core.rope_deltas.device, core.rope_deltas.dtype)
 
-    def _decode(self, kwargs):
+    def _decode(self, kwargs, total: int, dev):
+        """``total``: key length of this step in the pruned coordinates (cache + new tokens); ``dev``: the device of
+        the language model's input (the mask is built there, wherever generate keeps its own)."""
         plan = self.plan
         kwargs = dict(kwargs)
         mask = kwargs.get("attention_mask")
+        K = plan.keep_idx.shape[1]
+        keep_idx, valid = plan.keep_idx.to(dev), plan.valid.to(dev)
         if mask is not None and mask.dim() == 2 and mask.shape[1] > plan.length:
-            head = torch.gather(mask[:, : plan.length], 1, plan.keep_idx) * plan.valid.to(mask.dtype)
+            # generate keeps the mask at the unpruned length: drop the pruned columns
+            mask = mask.to(dev)
+            head = torch.gather(mask[:, : plan.length], 1, keep_idx) * valid.to(mask.dtype)
             kwargs["attention_mask"] = torch.cat([head, mask[:, plan.length:]], dim=1)
+        elif mask is None and not bool(plan.valid.all()):
+            # generate drops an all-ones mask; a sample that kept fewer tokens than another has pad slots to mask
+            tail = torch.ones(valid.shape[0], total - K, dtype=torch.long, device=dev)
+            kwargs["attention_mask"] = torch.cat([valid.long(), tail], dim=1)
         pos = kwargs.get("position_ids")
         if pos is not None:
+            pos = pos.to(dev)
+            shift = plan.shift.to(dev, pos.dtype)
             if self.positions == "contiguous":
-                kwargs["position_ids"] = pos - plan.shift.view(*([1] * (pos.dim() - 2)), -1, 1).to(pos.dtype)
+                kwargs["position_ids"] = pos - shift.view(*([1] * (pos.dim() - 2)), -1, 1)
             elif pos.dim() == 3 and pos.shape[0] == 4:
                 pos = pos.clone()
-                pos[0] = pos[0] - plan.shift.view(-1, 1).to(pos.dtype)
+                pos[0] = pos[0] - shift.view(-1, 1)
                 kwargs["position_ids"] = pos
         return (), kwargs

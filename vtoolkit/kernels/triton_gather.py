@@ -6,6 +6,8 @@ dimension in ``BLOCK_D`` chunks; the KV kernel handles one (sample, head) and ga
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -70,6 +72,11 @@ def _compact_kv_kernel(k_ptr, v_ptr, idx_ptr, ko_ptr, vo_ptr, H, K, DK, DV,
                  sv_l, sv_d, ov_l, ov_d, BLOCK_D)
 
 
+def _on_device(t: torch.Tensor):
+    """Launch on the tensor's GPU, not the current one (``device_map`` puts layers on several GPUs)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def _blocks(K: int, D: int) -> tuple[int, int]:
     """Tile sizes. GPU: 16 x <=256 elements per load (32 per thread at 4 warps: no register spills, and enough
     programs to fill the SMs). Interpreter: few, large programs (each costs ~ms whatever its size)."""
@@ -108,13 +115,14 @@ def gather_kept_triton(hidden, keep_idx, position_ids=None, attention_mask=None)
     m_in = attention_mask.view(torch.uint8) if mask_out is not None and mask_out.dtype == torch.bool else attention_mask
     m_out = mask_out.view(torch.uint8) if mask_out is not None and mask_out.dtype == torch.bool else mask_out
     grid = (B, triton.cdiv(K, block_k))
-    _gather_rows_kernel[grid](hidden, idx, out, pos if pos is not None else dummy,
-                              pos_out if pos_out is not None else dummy,
-                              m_in if m_in is not None else dummy,
-                              m_out if m_out is not None else dummy,
-                              K, D, R, *hidden.stride(), *out.stride(), *ps, *qs, *ms, *ns,
-                              HAS_POS=pos is not None, HAS_MASK=attention_mask is not None,
-                              BLOCK_K=block_k, BLOCK_D=block_d)
+    with _on_device(hidden):
+        _gather_rows_kernel[grid](hidden, idx, out, pos if pos is not None else dummy,
+                                  pos_out if pos_out is not None else dummy,
+                                  m_in if m_in is not None else dummy,
+                                  m_out if m_out is not None else dummy,
+                                  K, D, R, *hidden.stride(), *out.stride(), *ps, *qs, *ms, *ns,
+                                  HAS_POS=pos is not None, HAS_MASK=attention_mask is not None,
+                                  BLOCK_K=block_k, BLOCK_D=block_d)
     if pos_out is not None and position_ids.dim() == 2:
         pos_out = pos_out[0]
     return out, pos_out, mask_out
@@ -132,6 +140,7 @@ def compact_kv_triton(key, value, keep_idx):
         return ko, vo
     block_k, block_d = _blocks(K, max(DK, DV))
     grid = (B * H, triton.cdiv(K, block_k))
-    _compact_kv_kernel[grid](key, value, keep_idx.contiguous(), ko, vo, H, K, DK, DV, *key.stride(),
-                             *value.stride(), *ko.stride(), *vo.stride(), BLOCK_K=block_k, BLOCK_D=block_d)
+    with _on_device(key):
+        _compact_kv_kernel[grid](key, value, keep_idx.contiguous(), ko, vo, H, K, DK, DV, *key.stride(),
+                                 *value.stride(), *ko.stride(), *vo.stride(), BLOCK_K=block_k, BLOCK_D=block_d)
     return ko, vo

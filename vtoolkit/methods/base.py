@@ -15,6 +15,10 @@ class Method:
     """
 
     spec: ClassVar[Any]
+    # What the call context refuses on the method's behalf (see vtoolkit/hooks/context.py); opt in where handled.
+    supports_video: ClassVar[bool] = False          # video input (Qwen-VL) is refused with a clear error
+    supports_continuation: ClassVar[bool] = False   # a forward continuing from a cache this call did not build
+    rewrites_sequence: ClassVar[bool] = False       # changes the rows the LLM sees (labels= are realigned)
 
     def __init__(self, config: MethodConfig, adapter) -> None:
         self.config = config

@@ -33,8 +33,8 @@ from vtoolkit.methods.prune_base import PruneConfig, ScorePrune
 from vtoolkit.registry import register_method
 
 
-def _passthrough(hidden_states, *args, **kwargs):
-    """Forward of a vision layer whose output is never read."""
+def _passthrough(inner, hidden_states, *args, **kwargs):
+    """Forward of a vision layer whose output is never read (``inner``, the layer's own forward, is not run)."""
     return hidden_states
 
 
@@ -66,7 +66,7 @@ class FasterVLM(ScorePrune):
         unused = self.adapter.unused_vision_layers() if self.config.skip_unused_vision_layers else []
         self.skipped_layers = [i for i in unused if i > self.scores.layer]
         for i in self.skipped_layers:
-            hooks.set_attr(self.adapter.vision_layers[i], "forward", _passthrough)
+            hooks.patch(self.adapter.vision_layers[i], "forward", _passthrough)
 
     def select(self, ctx):
         keep = super().select(ctx)
@@ -77,7 +77,8 @@ class FasterVLM(ScorePrune):
         if self.adapter.has_cls:
             rows = self.scores.per_crop()
             out, cursor = [], 0
-            for span in (s for sample in ctx.spans for s in sample):
+            images = {s.image_index: s for sample in ctx.spans for s in sample}   # rows repeat images (beams)
+            for span in (images[i] for i in sorted(images)):
                 n = len(span.crops)
                 out.append(rows[cursor:cursor + n])
                 cursor += n

@@ -2,40 +2,53 @@
 
 Algorithm (official code, docs/methods.md section 7): at prefill, take the attention of decoder layer ``K - 1``
 (0-based), the row of the **last** prompt token, averaged over heads: ``s_j = mean_h A_{K-1}[h, last, j]`` for the
-visual tokens ``j``. Keep the top ``(1 - R)`` fraction of each image's visual tokens (``R`` = ``ratio`` dropped) and run
-layers ``K..L-1`` on the shorter sequence; kept tokens keep their original positions. Defaults ``K=2``, ``R=0.5``.
+visual tokens ``j``. Drop the lowest ``R`` fraction of each image's visual tokens and run layers ``K..L-1`` on the
+shorter sequence; kept tokens keep their original positions. Official defaults ``K=2``, ``R=0.5``.
+
+Options use the budget vocabulary every vtoolkit pruner shares: ``keep_ratio`` is the share KEPT (``1 - R``; default
+0.5) xor ``keep_tokens`` per image; ``ratio`` is accepted as an alias in the paper's sense (the share DROPPED, R), so
+``ratio=0.5`` == ``keep_ratio=0.5`` and ``ratio=0.75`` == ``keep_ratio=0.25``. Budgets are per image:
+``max(1, round(keep_ratio * N))`` tokens, half up.
 
 Deviations: the score row is computed from the layer's post-RoPE q/k for that one query only (the layer itself keeps
-SDPA; the official code switches the layer to eager ``output_attentions``). Budgets are per image:
-``round((1 - R) * N)`` tokens, half up. Batched with padding: each sample ranks its own tokens.
+SDPA; the official code switches the layer to eager ``output_attentions``). Batched with padding: each sample ranks
+its own tokens.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
-from vtoolkit.config import MethodConfig
 from vtoolkit.hooks.attention import current_implementation, intercept
 from vtoolkit.hooks.midstack import MidStackPruner
 from vtoolkit.methods.base import Method
+from vtoolkit.methods.prune_base import BudgetConfig
 from vtoolkit.registry import register_method
 
 
 @dataclass(frozen=True)
-class FastVConfig(MethodConfig):
-    """K: first layer that sees the pruned sequence (scores from layer K-1); ratio: fraction of visual tokens
-    dropped."""
+class FastVConfig(BudgetConfig):
+    """K: first layer that sees the pruned sequence (scores from layer K-1); keep_ratio (share KEPT, default 0.5)
+    xor keep_tokens (per image); ratio: alias, the share DROPPED (the paper's R = 1 - keep_ratio)."""
 
     K: int = 2
-    ratio: float = 0.5
+    ratio: float | None = None
+
+    default_keep_ratio = 0.5
 
     def validate(self) -> None:
-        if not isinstance(self.K, int) or self.K < 1:
+        if self.ratio is not None:
+            if self.keep_ratio is not None or self.keep_tokens is not None:
+                raise ValueError("give keep_ratio (share kept), keep_tokens, or ratio (share dropped, the paper's R), "
+                                 "not several")
+            if not 0 <= float(self.ratio) < 1:
+                raise ValueError(f"ratio (share of visual tokens DROPPED) must be in [0, 1), got {self.ratio}")
+            object.__setattr__(self, "keep_ratio", 1.0 - float(self.ratio))
+            object.__setattr__(self, "ratio", None)        # one spelling after validation: keep_ratio
+        super().validate()
+        if not isinstance(self.K, int) or isinstance(self.K, bool) or self.K < 1:
             raise ValueError(f"K must be an integer >= 1 (scores come from layer K-1), got {self.K!r}")
-        if not 0 <= float(self.ratio) < 1:
-            raise ValueError(f"ratio (fraction dropped) must be in [0, 1), got {self.ratio}")
 
 
 def last_query_scores(query, key, attention_mask, scaling) -> torch.Tensor:
@@ -57,6 +70,8 @@ def last_query_scores(query, key, attention_mask, scaling) -> torch.Tensor:
                  requires=("LLM attention q/k at layer K-1",),
                  description="Drop low-attention visual tokens after LLM layer K (FastV baseline)")
 class FastV(Method):
+    rewrites_sequence = True
+
     def check(self) -> None:
         if self.config.K >= self.adapter.num_layers:
             raise ValueError(f"K={self.config.K} must be < the {self.adapter.num_layers} LLM layers")
@@ -92,7 +107,7 @@ class FastV(Method):
             kb, ib = [], []
             for span in sample:
                 s = self._scores[b, span.positions.to(self._scores.device)]
-                t = max(1, math.floor((1 - self.config.ratio) * span.num_tokens + 0.5))
+                t = self.config.budget(span.num_tokens, f"image {span.image_index} (sample {b})")
                 sel = torch.topk(s, t, sorted=False).indices.sort().values.to(span.positions.device)
                 kb.append(span.positions[sel])
                 ib.append(sel.cpu())
@@ -100,6 +115,7 @@ class FastV(Method):
             kept_idx.append(ib)
             before.append(sum(s.num_tokens for s in sample))
             after.append(sum(k.numel() for k in kb))
-        self._stats = {"kept_indices": kept_idx, "visual_tokens_before": before, "visual_tokens_after": after,
-                       "layer": self.config.K}
+        rows = ctx.sample_rows
+        self._stats = {"kept_indices": [kept_idx[r] for r in rows], "visual_tokens_before": [before[r] for r in rows],
+                       "visual_tokens_after": [after[r] for r in rows], "layer": self.config.K}
         return keep

@@ -19,6 +19,9 @@ class NoneConfig(MethodConfig):
 @register_method("none", config=NoneConfig, kind="identity", stage="none", architectures=("*",),
                  aliases=("identity", "baseline"), description="Identity: the stock model (lifecycle check, baseline)")
 class NoneMethod(Method):
+    supports_video = True
+    supports_continuation = True
+
     def install(self, hooks, ctx) -> None:
         ctx.listeners.append(self)
 

@@ -28,11 +28,12 @@ SCOPES = ("per_crop", "global")
 
 
 @dataclass(frozen=True)
-class PruneConfig(MethodConfig):
+class BudgetConfig(MethodConfig):
+    """How many visual tokens a pruner keeps, the same way for every pruner: ``keep_ratio`` (the KEPT share, in
+    (0, 1]) xor ``keep_tokens`` (tokens kept per budget unit); neither: ``default_keep_ratio``."""
+
     keep_ratio: float | None = None
     keep_tokens: int | None = None
-    budget_scope: str = "per_crop"
-    positions: str | None = None
 
     default_keep_ratio = 0.1
 
@@ -42,9 +43,21 @@ class PruneConfig(MethodConfig):
         if self.keep_ratio is None and self.keep_tokens is None:
             object.__setattr__(self, "keep_ratio", self.default_keep_ratio)
         if self.keep_ratio is not None and not (0 < float(self.keep_ratio) <= 1):
-            raise ValueError(f"keep_ratio must be in (0, 1], got {self.keep_ratio}")
+            raise ValueError(f"keep_ratio (the share of visual tokens KEPT) must be in (0, 1], got {self.keep_ratio}")
         if self.keep_tokens is not None and (not isinstance(self.keep_tokens, int) or self.keep_tokens < 1):
             raise ValueError(f"keep_tokens must be a positive integer, got {self.keep_tokens!r}")
+
+    def budget(self, n: int, what: str) -> int:
+        return budget(n, self.keep_ratio, self.keep_tokens, what)
+
+
+@dataclass(frozen=True)
+class PruneConfig(BudgetConfig):
+    budget_scope: str = "per_crop"
+    positions: str | None = None
+
+    def validate(self) -> None:
+        super().validate()
         if self.budget_scope not in SCOPES:
             raise ValueError(f"budget_scope must be one of {SCOPES}, got {self.budget_scope!r}")
         if self.positions not in (None, "contiguous", "original"):
@@ -63,6 +76,8 @@ def budget(n: int, keep_ratio: float | None, keep_tokens: int | None, what: str)
 
 class ScorePrune(Method):
     """Base of score-based pre-LLM pruners."""
+
+    rewrites_sequence = True
 
     default_positions = {"rope1d": "contiguous", "mrope": "original"}
 
@@ -101,12 +116,11 @@ class ScorePrune(Method):
                 if cfg.budget_scope == "per_crop" or len(span.crops) == 1:
                     for c, (s, pos) in enumerate(zip(present, span.crops)):
                         full = crop_scores[c].numel()
-                        t = min(budget(full, cfg.keep_ratio, cfg.keep_tokens,
-                                       f"crop {c} of image {span.image_index} (sample {b})"), s.numel())
+                        t = min(cfg.budget(full, f"crop {c} of image {span.image_index} (sample {b})"), s.numel())
                         chosen.append(pos[torch.topk(s, t, sorted=False).indices])
                 else:
                     s, pos = torch.cat(present), torch.cat(span.crops)
-                    t = budget(s.numel(), cfg.keep_ratio, cfg.keep_tokens, f"image {span.image_index} (sample {b})")
+                    t = cfg.budget(s.numel(), f"image {span.image_index} (sample {b})")
                     chosen.append(pos[torch.topk(s, t, sorted=False).indices])
                 if span.newlines is not None:
                     chosen.append(span.newlines)
@@ -117,6 +131,8 @@ class ScorePrune(Method):
             kept_idx.append(idx_b)
             before.append(sum(s.num_tokens for s in sample))
             after.append(sum(k.numel() for k in keep_b))
-        self._stats = {"kept_indices": kept_idx, "visual_tokens_before": before, "visual_tokens_after": after,
-                       "positions": self.positions_policy()}
+        rows = ctx.sample_rows
+        self._stats = {"kept_indices": [kept_idx[r] for r in rows],
+                       "visual_tokens_before": [before[r] for r in rows],
+                       "visual_tokens_after": [after[r] for r in rows], "positions": self.positions_policy()}
         return keep_all

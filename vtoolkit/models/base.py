@@ -121,6 +121,12 @@ class ModelAdapter:
         return tid if tid is not None else self.config.image_token_index
 
     @property
+    def video_token_id(self) -> int | None:
+        """The video placeholder token (Qwen-VL), or None for image-only models."""
+        tid = getattr(self.config, "video_token_id", None)
+        return tid if tid is not None else getattr(self.config, "video_token_index", None)
+
+    @property
     def lm_head(self) -> torch.nn.Module:
         return self.model.lm_head
 
@@ -149,8 +155,9 @@ class ModelAdapter:
         raise NotImplementedError
 
     # -- sequences ------------------------------------------------------------------------------------------------
-    def image_token_counts(self, inputs: dict[str, Any]) -> list[int]:
-        """Visual tokens per image, in the order images appear in the batch."""
+    def image_token_counts(self, inputs: dict[str, Any], encoded: bool = False) -> list[int]:
+        """Visual tokens per image, in the order images appear in the batch. ``encoded=True``: of the images the
+        vision encoder received (``generate`` may then repeat prompt rows for beams), when the inputs say."""
         raise NotImplementedError
 
     def image_spans(self, inputs: dict[str, Any]) -> list[list[ImageSpan]]:

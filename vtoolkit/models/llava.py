@@ -49,7 +49,10 @@ class LlavaAdapter(ModelAdapter):
         g = self.vision_config.image_size // self.vision_config.patch_size
         return g, g
 
-    def image_token_counts(self, inputs) -> list[int]:
+    def image_token_counts(self, inputs, encoded: bool = False) -> list[int]:
+        pixels = inputs.get("pixel_values")
+        if encoded and pixels is not None:
+            return [self.tokens_per_crop] * pixels.shape[0]
         n_img = (inputs["input_ids"] == self.image_token_id).sum().item()
         if n_img % self.tokens_per_crop:
             raise ValueError(f"{n_img} image tokens is not a multiple of {self.tokens_per_crop} per image")
@@ -87,7 +90,7 @@ class LlavaNextAdapter(LlavaAdapter):
                                                      image_newline=torch.tensor([-1.0], dtype=torch.float64))
         return [t.view(-1).long() for t in packed]
 
-    def image_token_counts(self, inputs) -> list[int]:
+    def image_token_counts(self, inputs, encoded: bool = False) -> list[int]:
         return [int(s.numel()) for s in self._packed_sources(self._sizes(inputs))]
 
     def _sizes(self, inputs):

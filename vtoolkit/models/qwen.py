@@ -50,7 +50,7 @@ class QwenVLAdapter(ModelAdapter):
     def vision_feature_layer(self) -> int:
         return len(self.vision_layers) - 1
 
-    def image_token_counts(self, inputs) -> list[int]:
+    def image_token_counts(self, inputs, encoded: bool = False) -> list[int]:
         thw = inputs.get("image_grid_thw")
         if thw is None:
             return []
