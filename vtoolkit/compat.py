@@ -142,6 +142,29 @@ def cache_length(cache, layer: int | None = None) -> int:
         return 0
 
 
+def cache_layer_kv(cache, layer: int):
+    """``(keys, values)`` ``[B, H, len, d]`` held by ``layer`` of a growing cache (``DynamicCache``'s ``DynamicLayer``:
+    the same in 5.23 and 5.24), or ``None`` for any other kind of layer or cache (static, sliding, quantized,
+    offloaded, legacy tuples), which callers then leave untouched."""
+    try:
+        from transformers.cache_utils import DynamicLayer
+    except ImportError:  # pragma: no cover
+        return None
+    layers = getattr(cache, "layers", None)
+    if layers is None or not 0 <= layer < len(layers) or getattr(cache, "offloading", False):
+        return None
+    lay = layers[layer]
+    if type(lay) is not DynamicLayer or not lay.is_initialized or lay.keys is None:
+        return None
+    return lay.keys, lay.values
+
+
+def set_cache_layer_kv(cache, layer: int, keys, values) -> None:
+    """Replace the tensors of a layer that :func:`cache_layer_kv` returned (e.g. compacted)."""
+    lay = cache.layers[layer]
+    lay.keys, lay.values = keys, values
+
+
 def output_cache(outputs):
     """The KV cache field of a model output, under either name."""
     return _first_field(outputs, CACHE_OUTPUT_FIELDS)
