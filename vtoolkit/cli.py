@@ -50,6 +50,9 @@ def _mount_subcommands() -> None:
     from vtoolkit.eval.cli import register as register_eval
 
     register_eval(app)
+    from vtoolkit.train.cli import register as register_train
+
+    register_train(app)
     try:
         from vtoolkit.bench.cli import register as register_bench
     except ImportError:  # pragma: no cover - bench is optional at import time
