@@ -22,6 +22,7 @@ _BUILTIN_METHOD_MODULES = (
     "vtoolkit.methods.fastervlm",
     "vtoolkit.methods.fastv",
     "vtoolkit.methods.random_prune",
+    "vtoolkit.methods.vhr",
 )
 
 

@@ -17,6 +17,7 @@ from collections.abc import Callable
 import torch
 
 from vtoolkit.compat import cache_length, get_cache
+from vtoolkit.hooks.masks import causal_mask
 from vtoolkit.hooks.sequence import is_identity, keep_plan
 from vtoolkit.kernels import gather_kept
 
@@ -82,19 +83,6 @@ class MidStackPruner:
         self.plan = {"L": L, "keep_idx": keep_idx, "valid": valid, "per_device": {}}
         self.ctx.layout.add(self.layer, keep_idx, valid)
 
-    def _mask(self, like, valid_keys: torch.Tensor, q_len: int):
-        """Causal mask for the last ``q_len`` of ``valid_keys.shape[1]`` keys, format of ``like``."""
-        B, Kk = valid_keys.shape
-        q_pos = torch.arange(Kk - q_len, Kk, device=valid_keys.device)
-        k_pos = torch.arange(Kk, device=valid_keys.device)
-        allowed = (k_pos[None, :] <= q_pos[:, None])[None] & valid_keys[:, None, :]
-        allowed = allowed | (k_pos[None, :] == q_pos[:, None])[None]        # pad slots see themselves
-        allowed = allowed[:, None]
-        if like is not None and like.dtype != torch.bool:
-            return torch.zeros(allowed.shape, dtype=like.dtype, device=like.device).masked_fill(
-                ~allowed, torch.finfo(like.dtype).min)
-        return allowed
-
     def _rewrite(self, i, args, kwargs, hidden):
         p = self.plan
         kwargs = dict(kwargs)
@@ -112,7 +100,7 @@ class MidStackPruner:
             pos = kwargs.get("position_ids")
             if pos is not None and pos.dim() == 2 and pos.shape[-1] == p["L"]:
                 kwargs["position_ids"] = torch.gather(pos.to(dev).expand(B, -1), 1, keep_idx)
-            kwargs["attention_mask"] = self._mask(kwargs.get("attention_mask"), valid, K)
+            kwargs["attention_mask"] = causal_mask(valid, K, like=kwargs.get("attention_mask"))
             p["per_device"] = {dev: (kwargs["attention_mask"], kwargs.get("position_embeddings"),
                                      kwargs.get("position_ids"))}
             if args:
@@ -133,7 +121,7 @@ class MidStackPruner:
         valid = valid.to(dev)
         keys = torch.cat([valid, torch.ones(B, past + q - K, dtype=torch.bool, device=dev)], 1)
         like = kwargs.get("attention_mask")
-        kwargs["attention_mask"] = self._mask(like.to(dev) if like is not None else None, keys, q)
+        kwargs["attention_mask"] = causal_mask(keys, q, like=like)
         return args, kwargs
 
 
