@@ -12,6 +12,7 @@ forwards (what hooks see in kwargs)                             until 5.40 and r
                                                                 still see the old name)
 KV-cache field of model outputs        ``past_key_values``      ``cache``
 vision-encoder field of VLM outputs    ``image_hidden_states``  ``image_outputs``
+per-layer tensors of a DynamicCache    ``cache.layers[i].keys`` / ``.values`` (both)
 =====================================  =======================  ======================================
 
 Tested range: :data:`TESTED_RANGE` (also declared in ``pyproject.toml``; CI runs the suite on both ends). Outside it
@@ -142,10 +143,30 @@ def cache_length(cache, layer: int | None = None) -> int:
         return 0
 
 
+def cache_layer_tensors(cache) -> list[tuple]:
+    """``[(keys, values)]`` per layer of a ``DynamicCache`` (``[B, H_kv, L, d]`` each)."""
+    return [(layer.keys, layer.values) for layer in _cache_layers(cache)]
+
+
+def set_cache_layer_tensors(cache, layer: int, keys, values) -> None:
+    """Replace one layer's cached keys / values (e.g. to join a second stream's rows)."""
+    entry = _cache_layers(cache)[layer]
+    entry.keys, entry.values = keys, values
+
+
+def _cache_layers(cache):
+    layers = getattr(cache, "layers", None)
+    if layers is None or (layers and not hasattr(layers[0], "keys")):
+        raise UnsupportedTransformersError(f"{type(cache).__name__} has no per-layer keys/values where vtoolkit "
+                                           f"expects them (cache.layers[i].keys); {support_hint()}")
+    return layers
+
+
 def cache_layer_kv(cache, layer: int):
-    """``(keys, values)`` ``[B, H, len, d]`` held by ``layer`` of a growing cache (``DynamicCache``'s ``DynamicLayer``:
-    the same in 5.23 and 5.24), or ``None`` for any other kind of layer or cache (static, sliding, quantized,
-    offloaded, legacy tuples), which callers then leave untouched."""
+    """``(keys, values)`` ``[B, H, len, d]`` of ``layer`` when it is a plain growing layer (``DynamicCache``'s
+    ``DynamicLayer``, the same in 5.23 and 5.24) whose tensors may be replaced (:func:`set_cache_layer_tensors`);
+    ``None`` for any other kind of layer or cache (static, sliding, quantized, offloaded, legacy tuples), which
+    callers then leave untouched."""
     try:
         from transformers.cache_utils import DynamicLayer
     except ImportError:  # pragma: no cover
@@ -159,12 +180,6 @@ def cache_layer_kv(cache, layer: int):
     return lay.keys, lay.values
 
 
-def set_cache_layer_kv(cache, layer: int, keys, values) -> None:
-    """Replace the tensors of a layer that :func:`cache_layer_kv` returned (e.g. compacted)."""
-    lay = cache.layers[layer]
-    lay.keys, lay.values = keys, values
-
-
 def output_cache(outputs):
     """The KV cache field of a model output, under either name."""
     return _first_field(outputs, CACHE_OUTPUT_FIELDS)
@@ -176,6 +191,11 @@ def output_image_features(outputs):
 
 
 def _first_field(outputs, names):
+    import dataclasses
+
+    if dataclasses.is_dataclass(outputs):      # a ModelOutput: read the name its class declares (the old name is a
+        declared = {f.name for f in dataclasses.fields(outputs)}    # deprecated alias that warns)
+        names = [n for n in names if n in declared] or names
     for name in names:
         value = outputs.get(name) if isinstance(outputs, Mapping) else getattr(outputs, name, None)
         if value is not None:

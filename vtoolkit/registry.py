@@ -23,6 +23,7 @@ _BUILTIN_METHOD_MODULES = (
     "vtoolkit.methods.fastv",
     "vtoolkit.methods.random_prune",
     "vtoolkit.methods.dyvte",
+    "vtoolkit.methods.vhr",
 )
 
 

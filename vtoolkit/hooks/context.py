@@ -85,6 +85,7 @@ class CallContext:
         self.has_visual = False   # this call's prompt holds visual input
         self.has_video = False
         self.expand = 1           # rows per input sample (generate's num_beams / num_return_sequences)
+        self.new_call = False     # this prefill starts a call (False for generate(use_cache=False)'s later steps)
         self.layout = Layout()
         self._labels = None       # labels held back from HF's loss (see module docstring)
         self._cache_ref = None    # the cache this call's forwards built, and its length after the last forward
@@ -114,13 +115,16 @@ class CallContext:
 
         def generate(inner, *args, **kwargs):      # the first forward of a generate call must be its prefill
             self._fresh_generate = True
+            self._generate_depth += 1
             try:
                 return inner(*args, **kwargs)
             finally:
                 self._fresh_generate = False
+                self._generate_depth -= 1
 
         hooks.patch(self.adapter.model, "generate", generate)
         self._fresh_generate = False
+        self._generate_depth = 0
         self._encoder_inputs: dict[str, Any] = {}
         self._encoder_output = None
         self.encoder_calls = 0   # vision-encoder runs seen; results of the vision stage are tagged with it
@@ -134,6 +138,8 @@ class CallContext:
         cache = get_cache(kw)
         fresh, self._fresh_generate = self._fresh_generate, False
         if cache_length(cache) == 0:
+            # generate(use_cache=False) re-runs the whole sequence at every step: those prefills continue one call
+            self.new_call = fresh or self._generate_depth == 0
             self._start_call(kw)
             if self._labels is not None:     # compute the loss ourselves on the rows the LLM sees
                 kw["labels"] = None
@@ -165,7 +171,7 @@ class CallContext:
         self.expand = 1
         self.layout = Layout()
         self.step = 0
-        self.num_calls += 1
+        self.num_calls += self.new_call
         self._cache_ref, self._cache_len = None, 0
         self._labels = None
         if self.has_video:

@@ -34,25 +34,10 @@ from collections.abc import Callable
 
 import torch
 
-from vtoolkit.compat import cache_layer_kv, cache_length, get_cache, set_cache_layer_kv
+from vtoolkit.compat import cache_layer_kv, cache_length, get_cache, set_cache_layer_tensors
+from vtoolkit.hooks.masks import causal_mask
 from vtoolkit.hooks.sequence import is_identity, keep_plan
 from vtoolkit.kernels import compact_kv, gather_kept
-
-
-def causal_mask(like, valid_keys: torch.Tensor, q_len: int):
-    """Causal mask ``[B, 1, q_len, Kk]`` for the last ``q_len`` of ``valid_keys.shape[1]`` keys (``valid_keys [B, Kk]``
-    bool: False keys are never attended, except by their own row), in the format of ``like``: additive float when
-    ``like`` is a float mask, else bool."""
-    B, Kk = valid_keys.shape
-    q_pos = torch.arange(Kk - q_len, Kk, device=valid_keys.device)
-    k_pos = torch.arange(Kk, device=valid_keys.device)
-    allowed = (k_pos[None, :] <= q_pos[:, None])[None] & valid_keys[:, None, :]
-    allowed = allowed | (k_pos[None, :] == q_pos[:, None])[None]        # pad / masked slots see themselves
-    allowed = allowed[:, None]
-    if like is not None and like.dtype != torch.bool:
-        return torch.zeros(allowed.shape, dtype=like.dtype, device=like.device).masked_fill(
-            ~allowed, torch.finfo(like.dtype).min)
-    return allowed
 
 
 class MidStackPruner:
@@ -183,7 +168,7 @@ class MidStackPruner:
         if self.ctx.is_prefill and hidden.shape[1] == entry["valid"].shape[1]:
             key = (dev, like.dtype if like is not None else torch.bool)
             if key not in entry["masks"]:
-                entry["masks"][key] = causal_mask(like, entry["valid"].to(dev), hidden.shape[1])
+                entry["masks"][key] = causal_mask(entry["valid"].to(dev), hidden.shape[1], like=like)
             kwargs["attention_mask"] = entry["masks"][key]
             return args, kwargs
         self.ctx.mark(f"{self.owner}:decode")
@@ -207,7 +192,7 @@ class MidStackPruner:
         if keep_idx.shape[1] >= L:
             return None
         keys, values = compact_kv(kv[0], kv[1], keep_idx)
-        set_cache_layer_kv(cache, i, keys, values)
+        set_cache_layer_tensors(cache, i, keys, values)
         return {"valid": valid, "keep_idx": keep_idx}
 
     def _decode_mask(self, i, cache, valid, hidden, like):
@@ -216,7 +201,7 @@ class MidStackPruner:
         past = cache_length(cache, i) if cache is not None else P
         q = hidden.shape[1]
         keys = torch.cat([valid, torch.ones(B, past + q - P, dtype=torch.bool, device=valid.device)], 1)
-        return causal_mask(like, keys, q)
+        return causal_mask(keys, q, like=like)
 
     def _rewrite(self, i, args, kwargs, hidden):
         p = self.plan
@@ -235,7 +220,7 @@ class MidStackPruner:
             pos = kwargs.get("position_ids")
             if pos is not None and pos.dim() == 2 and pos.shape[-1] == p["L"]:
                 kwargs["position_ids"] = torch.gather(pos.to(dev).expand(B, -1), 1, keep_idx)
-            kwargs["attention_mask"] = causal_mask(kwargs.get("attention_mask"), valid, K)
+            kwargs["attention_mask"] = causal_mask(valid, K, like=kwargs.get("attention_mask"))
             p["per_device"] = {dev: (kwargs["attention_mask"], kwargs.get("position_embeddings"),
                                      kwargs.get("position_ids"))}
             if args:

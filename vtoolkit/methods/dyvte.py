@@ -317,13 +317,18 @@ class DyVTE(Method):
 
     def on_prefill(self, ctx) -> None:
         super().on_prefill(ctx)
-        self._call = {"exit": None, "gone": None, "evals": None}
+        prev, self._call = self._call, {"exit": None, "gone": None, "evals": None, "frozen": None}
+        if not getattr(ctx, "new_call", True) and prev is not None and prev["exit"] is not None:
+            # generate(use_cache=False) re-runs the whole sequence at every step: the exits decided at the call's
+            # prefill stay (the routers run once per call, as with a cache)
+            self._call.update(frozen=prev["exit"], evals=prev["evals"])
 
     # -- routers ------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def _decide(self, ctx, i: int, hidden: torch.Tensor) -> torch.Tensor:
         """Pre-hook of layer ``i`` at prefill: router ``i - 1`` on its output decides for the samples still holding their
-        visual tokens. Returns the rows that have exited (one decision per sample, shared by its beam rows)."""
+        visual tokens. Returns the rows that have exited (one decision per sample, shared by its beam rows). The later
+        prefills of ``generate(use_cache=False)`` reuse the call's first decisions."""
         c = self._call
         dev = hidden.device
         ids = ctx.inputs["input_ids"]
@@ -332,7 +337,14 @@ class DyVTE(Method):
             c["vis"] = (ids == self.adapter.image_token_id).to(dev)
             c["gone"] = ~c["vis"].any(1)                    # nothing to remove: decided from the start
             c["exit"] = [None] * B
-            c["evals"] = [0] * B
+            if c["frozen"] is None or len(c["frozen"]) != B:
+                c["frozen"], c["evals"] = None, [0] * B
+        if c["frozen"] is not None:
+            for j, e in enumerate(c["frozen"]):
+                if e is not None and e <= i - 1:
+                    c["gone"][j] = True
+                    c["exit"][j] = e
+            return c["gone"].clone()
         firsts = torch.tensor(ctx.sample_rows, device=dev)   # one row per input sample (beam rows are copies)
         gone, expand = c["gone"], max(1, ctx.expand)
         # every sample's router runs in one batched call (what decided samples get is ignored)
@@ -347,7 +359,7 @@ class DyVTE(Method):
                 if ex:
                     gone[j] = True
                     c["exit"][j] = i - 1
-        return gone
+        return gone.clone()
 
     # -- stats --------------------------------------------------------------------------------------------------
     @property

@@ -127,6 +127,27 @@ class ModelAdapter:
         return tid if tid is not None else getattr(self.config, "video_token_index", None)
 
     @property
+    def visual_marker_ids(self) -> tuple[int, ...]:
+        """Tokens that only frame visual input (Qwen's ``<|vision_start|>`` / ``<|vision_end|>``); none for LLaVA."""
+        return ()
+
+    def text_only_keep(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``[B, L]`` bool: the tokens a prompt keeps when its visual input is removed (every visual placeholder and
+        marker goes; the rest of the text, its order and its chat template stay)."""
+        drop = input_ids == self.image_token_id
+        for tid in (self.video_token_id, *self.visual_marker_ids):
+            if tid is not None:
+                drop |= input_ids == tid
+        return ~drop
+
+    def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor):
+        """The LLM's rotary ``(cos, sin)`` for ``position_ids`` (``[B, L]`` text positions; M-RoPE models also take
+        ``[3, B, L]``), as the language model computes them for its layers."""
+        if self.position_kind == "mrope" and position_ids.dim() == 2:
+            position_ids = position_ids[None].expand(3, -1, -1)
+        return self.language_model.rotary_emb(hidden, position_ids)
+
+    @property
     def lm_head(self) -> torch.nn.Module:
         return self.model.lm_head
 

@@ -14,6 +14,10 @@ class QwenVLAdapter(ModelAdapter):
     has_cls = False
 
     @property
+    def visual_marker_ids(self) -> tuple[int, ...]:
+        return tuple(t for t in (self.config.vision_start_token_id, self.config.vision_end_token_id) if t is not None)
+
+    @property
     def vision_tower(self):
         return self.core.visual
 

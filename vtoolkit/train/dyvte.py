@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-from vtoolkit.hooks.midstack import causal_mask
+from vtoolkit.hooks.masks import causal_mask
 from vtoolkit.methods.dyvte import OFFICIAL_ROUTER_HIDDEN, DyVTERouters, router_features
 
 
@@ -253,8 +253,7 @@ class RouterExamples:
                 dev = hidden.device
                 nonpad, vis = s["nonpad"].to(dev), s["vis"].to(dev)
                 like = kwargs.get("attention_mask")
-                s["mask"] = causal_mask(like.to(dev) if like is not None else None,
-                                        torch.cat([nonpad, nonpad & ~vis]), hidden.shape[1])
+                s["mask"] = causal_mask(torch.cat([nonpad, nonpad & ~vis]), hidden.shape[1], like=like)
                 pe = kwargs.get("position_embeddings")
                 s["pe"] = tuple(_repeat_rows(t.to(dev), 0) for t in pe) if pe is not None else None
                 pos = kwargs.get("position_ids")          # [B, T] or [R, B, T] (M-RoPE)

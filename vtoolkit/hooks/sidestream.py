@@ -1,0 +1,250 @@
+"""Side streams: rows a method runs through the LLM next to the user's batch, inside the stock ``generate``.
+
+VHR compares every head with its output on the same prompt without the image; DAMRO and VCD contrast the next-token
+logits with those of the same prompt seeing only a few ViT outlier tokens / a noised image. Each needs a second
+stream of rows with its own positions (and, for contrastive decoding, its own KV cache) that
+
+- every other hook recognises as *not* a new call: while a side stream runs, :func:`in_side_stream` is True for the
+  model, and the shared mechanics (the call context, pre-LLM and mid-stack pruners, vision scorers, other methods'
+  layer hooks) leave it alone;
+- touches no model-global state: its rows go straight to the decoder layers / the language model with explicit
+  positions, so e.g. Qwen's ``rope_deltas`` (set by the main stream's prefill) is never read or written for them.
+
+A :class:`SideStream` holds left-padded rows (``embeds [B, Ls, D]``, ``valid [B, Ls]``, text ``positions [B, Ls]`` or
+M-RoPE ``[3, B, Ls]``) and runs them in one of two ways:
+
+**Lockstep** (:meth:`SideStream.start`, :meth:`SideStream.advance`), no cache: the owner advances the side rows one
+decoder layer at a time from the main stream's hooks, so a decision at layer ``l`` can compare both streams after
+both ran layers ``< l`` with the same interventions (VHR: "layer by layer in one pass"). Each side layer is a nested
+call of the same decoder layer module; its cost is that of the side rows only (VHR's text-only rows are short).
+
+**Own cache, then batched decode** (:meth:`SideStream.prefill`, :meth:`SideStream.join`, :meth:`SideStream.widen`,
+:meth:`SideStream.split`): the side prompt is prefilled by one nested language-model call with a fresh cache (short
+rows cost little), its cache is appended to the main cache as ``B`` extra rows (keys/values left-padded to the main
+length), and every decode step then runs main + side rows as ONE batch of ``2B`` rows: on a weight-bound decode step
+the second stream costs far less than a second pass. :meth:`SideStream.widen` adds the side rows to the language
+model's decode inputs (embeddings, 2-D mask, positions); :meth:`SideStream.split` takes them off the logits. Beam
+search reorders the joined cache with indices of the main rows; :meth:`SideStream.join` extends the reorder to the
+side rows.
+
+For method authors: build the rows from ``ctx.inputs`` at the main prefill (a hook on the language model sees the
+merged ``inputs_embeds``), keep one :class:`SideStream` per call, and never let a pruner or scorer see it
+(``in_side_stream``). See ``vtoolkit/methods/vhr.py`` (lockstep) and ``vtoolkit/methods/contrastive.py`` (batched).
+"""
+from __future__ import annotations
+
+import contextlib
+import weakref
+
+import torch
+
+from vtoolkit.compat import cache_layer_tensors, cache_param, set_cache_layer_tensors
+from vtoolkit.hooks.attention import current_implementation
+from vtoolkit.hooks.masks import causal_mask, mask_dtype_for
+
+_ACTIVE: weakref.WeakKeyDictionary[torch.nn.Module, int] = weakref.WeakKeyDictionary()
+
+
+def in_side_stream(model: torch.nn.Module) -> bool:
+    """True while a side stream of ``model`` (the unwrapped HF model, ``adapter.model``) is running."""
+    return _ACTIVE.get(model, 0) > 0
+
+
+@contextlib.contextmanager
+def side_active(model: torch.nn.Module):
+    _ACTIVE[model] = _ACTIVE.get(model, 0) + 1
+    try:
+        yield
+    finally:
+        _ACTIVE[model] -= 1
+        if not _ACTIVE[model]:
+            del _ACTIVE[model]
+
+
+def left_pad_rows(rows: list[torch.Tensor], pad_value=0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack 1-D (or ``[n, ...]``) tensors into a left-padded batch; returns ``(batch, valid [B, L])``."""
+    L = max(r.shape[0] for r in rows)
+    out = rows[0].new_full((len(rows), L, *rows[0].shape[1:]), pad_value)
+    valid = torch.zeros(len(rows), L, dtype=torch.bool, device=rows[0].device)
+    for b, r in enumerate(rows):
+        if r.shape[0]:
+            out[b, L - r.shape[0]:] = r
+            valid[b, L - r.shape[0]:] = True
+    return out, valid
+
+
+def contiguous_positions(valid: torch.Tensor) -> torch.Tensor:
+    """Text positions of left-padded rows, as ``generate`` numbers them (0 at the first real token)."""
+    return (valid.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class SideStream:
+    """Side rows of one call (see the module docstring). ``owner`` names the method in errors."""
+
+    def __init__(self, adapter, owner: str):
+        self.adapter = adapter
+        self.owner = owner
+        impl = current_implementation(adapter.text_config)
+        try:
+            self._mask_kind = impl
+            mask_dtype_for(impl, torch.float32)
+        except NotImplementedError as e:
+            raise NotImplementedError(f"{owner}: its side stream {e}") from None
+        self.embeds = self.valid = self.positions = None
+        self.next_layer = 0
+        self.cache = None
+        self._length = 0          # side tokens in the joined cache (after join): prompt slots + generated
+
+    # -- rows ---------------------------------------------------------------------------------------------------
+    def set_rows(self, embeds: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor | None = None) -> None:
+        """``embeds [B, Ls, D]``, ``valid [B, Ls]`` (left padding), ``positions`` ``[B, Ls]`` or M-RoPE ``[3, B, Ls]``
+        (default: contiguous text positions from ``valid``)."""
+        self.embeds, self.valid = embeds, valid
+        self.positions = contiguous_positions(valid) if positions is None else positions
+
+    @property
+    def text_positions(self) -> torch.Tensor:
+        """``[B, Ls]`` positions for masks / layers (row 0 of M-RoPE positions is not text; use the mask count)."""
+        return contiguous_positions(self.valid) if self.positions.dim() == 3 else self.positions
+
+    def _mask(self, valid_keys: torch.Tensor, q_len: int, dtype: torch.dtype):
+        return causal_mask(valid_keys, q_len, dtype=mask_dtype_for(self._mask_kind, dtype))
+
+    # -- lockstep (no cache) --------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Begin running the rows layer by layer (call :meth:`advance` from the main stream's hooks)."""
+        self.h = self.embeds
+        self._pe = self.adapter.rotary(self.embeds, self.positions)
+        self._layer_mask = self._mask(self.valid, self.valid.shape[1], self.embeds.dtype)
+        self.next_layer = 0
+
+    @property
+    def running(self) -> bool:
+        return self.embeds is not None and self.next_layer >= 0
+
+    def advance(self, upto: int) -> None:
+        """Run decoder layers ``next_layer .. upto`` (inclusive) on the side rows, nested, without a cache."""
+        layers = self.adapter.decoder_layers
+        with side_active(self.adapter.model):
+            while self.next_layer <= upto:
+                i = self.next_layer
+                dev = next(layers[i].parameters()).device
+                out = layers[i](self.h.to(dev), attention_mask=self._layer_mask.to(dev),
+                                position_ids=self.text_positions.to(dev),
+                                position_embeddings=tuple(t.to(dev) for t in self._pe), use_cache=False)
+                self.h = out[0] if isinstance(out, tuple) else out
+                self.next_layer += 1
+
+    def stop(self) -> None:
+        self.next_layer = -1
+        self.h = self._pe = self._layer_mask = None
+
+    # -- own cache, then batched decode ---------------------------------------------------------------------------
+    def prefill(self) -> torch.Tensor:
+        """Run the side prompt through the language model in one nested call with a fresh cache; returns the last
+        position's final hidden state ``[B, D]`` (feed it to the LM head for the side logits)."""
+        from transformers import DynamicCache
+
+        lm = self.adapter.language_model
+        self.cache = DynamicCache(config=self.adapter.text_config)
+        mask = self.valid.long()
+        with side_active(self.adapter.model):
+            out = lm(inputs_embeds=self.embeds, attention_mask=mask, position_ids=self._lm_positions(self.positions),
+                     use_cache=True, **{cache_param(lm): self.cache})
+        self._length = self.valid.shape[1]
+        return out.last_hidden_state[:, -1]
+
+    def _lm_positions(self, pos: torch.Tensor) -> torch.Tensor:
+        """Position ids as the language model takes them (M-RoPE: ``[4, B, L]`` with text positions in row 0, so
+        the mask does not come from packed-sequence detection)."""
+        if pos.dim() == 3:
+            text = contiguous_positions(self.valid)[..., -pos.shape[-1]:] if pos.shape[-1] == self.valid.shape[1] \
+                else self._next_text_pos(pos.shape[-1])
+            return torch.cat([text[None].to(pos.device), pos], 0)
+        return pos
+
+    def _next_text_pos(self, q: int) -> torch.Tensor:
+        base = self.valid.long().sum(-1, keepdim=True) + (self._length - self.valid.shape[1])
+        return base + torch.arange(q, device=self.valid.device)
+
+    def join(self, main_cache) -> None:
+        """Append this stream's cache to ``main_cache`` as ``B`` extra rows, left-padding the shorter of the two
+        (the padding is masked by :meth:`widen`), so decode steps run both streams as one batch."""
+        B = self.valid.shape[0]
+        main_len, side_len = main_cache.get_seq_length(), self.cache.get_seq_length()
+        L = max(main_len, side_len)
+        self.main_pad, self.side_pad = L - main_len, L - side_len
+        for i, (mk, mv) in enumerate(cache_layer_tensors(main_cache)):
+            sk, sv = cache_layer_tensors(self.cache)[i]
+            k = torch.cat([_left_pad(mk, self.main_pad), _left_pad(sk.to(mk.device), self.side_pad)], 0)
+            v = torch.cat([_left_pad(mv, self.main_pad), _left_pad(sv.to(mv.device), self.side_pad)], 0)
+            set_cache_layer_tensors(main_cache, i, k, v)
+        self.cache = None
+        self._main_rows = B
+        original = main_cache.reorder_cache
+
+        def reorder_cache(beam_idx: torch.Tensor):   # beams reorder main rows; side rows follow their sample
+            return original(torch.cat([beam_idx, beam_idx.to(torch.long) + B]))
+
+        main_cache.reorder_cache = reorder_cache
+
+    def widen(self, kwargs: dict, main_cache) -> dict:
+        """Decode step: the language model's keyword arguments for main + side rows (``2B``)."""
+        B = self._main_rows
+        kw = dict(kwargs)
+        emb = kw["inputs_embeds"]
+        q = emb.shape[1]
+        kw["inputs_embeds"] = torch.cat([emb, emb], 0)
+        total = main_cache.get_seq_length() + q                     # joined length incl. this step
+        dev = emb.device
+        mask = kw.get("attention_mask")
+        main_len = total - self.main_pad
+        main_mask = (mask.to(dev) if mask is not None and mask.dim() == 2
+                     else torch.ones(B, main_len, dtype=torch.long, device=dev))
+        if main_mask.shape[1] != main_len:
+            raise RuntimeError(f"{self.owner}: the main stream's mask covers {main_mask.shape[1]} keys, its cache "
+                               f"{main_len}: another hook changed the sequence after the side stream joined")
+        side_valid = torch.cat([self.valid.to(dev).long(),
+                                torch.ones(B, total - self.side_pad - self.valid.shape[1], dtype=torch.long,
+                                           device=dev)], 1)
+        kw["attention_mask"] = torch.cat([_left_pad(main_mask, self.main_pad, dim=1),
+                                          _left_pad(side_valid, self.side_pad, dim=1)], 0)
+        side_pos = self.next_positions(q, dev)
+        pos = kw.get("position_ids")
+        if pos is None:
+            pos = (main_mask.sum(-1, keepdim=True) - q + torch.arange(q, device=dev))
+            if self.adapter.position_kind == "mrope":
+                raise RuntimeError(f"{self.owner}: an M-RoPE decode step arrived without position ids")
+        pos = pos.to(dev)
+        if pos.dim() == 3:                                          # M-RoPE, 3 or 4 rows (row 0 = text positions)
+            side = side_pos if side_pos.dim() == 3 else side_pos[None].expand(3, -1, -1)
+            if pos.shape[0] == 4:
+                side = torch.cat([self._next_text_pos(q).to(dev)[None], side], 0)
+            kw["position_ids"] = torch.cat([pos, side], 1)
+        else:
+            kw["position_ids"] = torch.cat([pos, side_pos if side_pos.dim() == 2 else side_pos[0]], 0)
+        self._length += q
+        return kw
+
+    def next_positions(self, q: int, dev) -> torch.Tensor:
+        """Positions of the next ``q`` side tokens: after the side prompt's last position (M-RoPE: on all rows)."""
+        pos = self.positions.to(dev)
+        last = pos.masked_fill(~self.valid.to(dev)[None] if pos.dim() == 3 else ~self.valid.to(dev), -1)
+        last = last.amax(-1) if pos.dim() == 2 else last.amax(dim=(0, 2))
+        start = last + 1 + (self._length - self.valid.shape[1])
+        nxt = start[:, None] + torch.arange(q, device=dev)
+        return nxt[None].expand(3, -1, -1) if pos.dim() == 3 else nxt
+
+    def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[2B, ...]`` -> (main rows, side rows)."""
+        B = self._main_rows
+        return x[:B], x[B:]
+
+
+def _left_pad(t: torch.Tensor, n: int, dim: int = -2) -> torch.Tensor:
+    """``n`` zero slots before ``t`` along ``dim`` (K/V: the sequence dimension ``-2``; masks: ``1``)."""
+    if n == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = n
+    return torch.cat([t.new_zeros(shape), t], dim)
