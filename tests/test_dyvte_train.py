@@ -247,3 +247,16 @@ def test_two_process_data_parallel(tmp_path):
     assert not set(logs[0][0]["ids"]) & set(logs[1][0]["ids"])       # step 1: four different samples
     assert json.loads((out / "train_config.json").read_text())["world_size"] == 2
     DyVTERouters.load(out / "routers.safetensors", tiny_model("llava")[0])
+
+
+def test_example_script_trains_and_runs(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_dyvte_routers", REPO / "examples" / "train_dyvte_routers.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.main(["--model", "tiny:qwen2_vl", "--out", str(tmp_path), "--demo-samples", "4", "--max-steps", "2",
+              "--batch-size", "2", "--router-hidden", "8"])
+    out = capsys.readouterr().out
+    assert "trained 2 steps" in out and "dyvte on 4 held-out prompts: exit layers" in out
+    assert (tmp_path / "routers.safetensors").is_file() and (tmp_path / "demo_data" / "conversations.json").is_file()
