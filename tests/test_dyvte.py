@@ -337,3 +337,25 @@ def test_routers_from_a_file_run_like_the_object(tmp_path):
         b, sb = model.generate(**batch, **GEN), h.stats
         assert h.config.to_dict()["routers"] == str(tmp_path)
     assert torch.equal(a, b) and sa == sb
+
+
+def test_bench_counts_the_layers_after_the_exit_on_text_only(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from vtoolkit.bench import flops as F
+    from vtoolkit.bench.midsize import tiny_shape
+    from vtoolkit.cli import app
+
+    out = tmp_path / "rows.json"
+    res = CliRunner().invoke(app, ["bench", "--shape", "tiny", "--method", "dyvte", "--keep-ratios", "",
+                                   "--set", "exit_layer=1", "--decode-tokens", "1", "--repeats", "1", "--out",
+                                   str(out)])
+    assert res.exit_code == 0, res.output
+    base, row = json.loads(out.read_text())
+    full = base["prompt_tokens"]
+    assert (row["pruned_from_layer"], row["visual_tokens"], row["llm_tokens_after_pruning"]) == (2, 0, full - 64)
+    shape = F.Shape.from_model(tiny_shape()[0])
+    assert row["analytic_prefill_ratio"] == pytest.approx(F.prefill_ratio(shape, full, full - 64, from_layer=2))
+    assert row["analytic_prefill_ratio"] < 1.0 and row["analytic_decode_ratio"] < 1.0
