@@ -23,6 +23,8 @@ _BUILTIN_METHOD_MODULES = (
     "vtoolkit.methods.fastv",
     "vtoolkit.methods.random_prune",
     "vtoolkit.methods.vhr",
+    "vtoolkit.methods.damro",
+    "vtoolkit.methods.vcd",
 )
 
 

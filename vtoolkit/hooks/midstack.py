@@ -19,6 +19,7 @@ import torch
 from vtoolkit.compat import cache_length, get_cache
 from vtoolkit.hooks.masks import causal_mask
 from vtoolkit.hooks.sequence import is_identity, keep_plan
+from vtoolkit.hooks.sidestream import in_side_stream
 from vtoolkit.kernels import gather_kept
 
 
@@ -49,6 +50,8 @@ class MidStackPruner:
 
     def _make_hook(self, i: int):
         def hook(module, args, kwargs):
+            if in_side_stream(self.adapter.model):
+                return None                  # another method's side rows run this layer with their own masks
             hidden = args[0] if args else kwargs["hidden_states"]
             # the context saw this forward start with an empty cache (layer 0's cache is already filled by now)
             if i == self.layer and self.ctx.is_prefill and self._is_full_prompt(hidden):
