@@ -25,6 +25,9 @@ CASES = {
     "random": ({"keep_ratio": 1.0}, {"keep_ratio": 0.3, "seed": 3}, True),
     "fastv": ({"keep_ratio": 1.0}, {"K": 2, "keep_ratio": 0.5}, False),
     "dyvte": ({"exit_layer": -1}, {"exit_layer": 1}, True),
+    "vhr": ({"alpha": 1.0}, {"alpha": 2.5}, True),
+    "damro": ({"alpha": 0.0, "beta": 0.0}, {"alpha": 1.0, "beta": 0.1, "topk": 3, "topk_rule": "fixed"}, True),
+    "vcd": ({"alpha": 0.0, "beta": 0.0}, {"alpha": 1.0, "beta": 0.1}, True),
 }
 GEN = dict(max_new_tokens=4, do_sample=False)
 IMAGES = [((160, 120), "Is there a dog?"), ((200, 100), "Describe this image in detail, with every object you see."),

@@ -24,6 +24,8 @@ _BUILTIN_METHOD_MODULES = (
     "vtoolkit.methods.random_prune",
     "vtoolkit.methods.dyvte",
     "vtoolkit.methods.vhr",
+    "vtoolkit.methods.damro",
+    "vtoolkit.methods.vcd",
 )
 
 

@@ -69,17 +69,19 @@ def bench(shape: str = typer.Option("midsize", help="midsize (CLIP-L/336 + 16x20
     table = Table(title=f"{method} on {shape} ({b['dtype']}, {b['device']}, batch {b['batch_size']}, "
                         f"{b['prompt_tokens']} prompt tokens)",
                   caption="x base: median over rounds of the ratio to the baseline measured in the same round; "
-                          "bound: analytic FLOPs ratio (the vision tower is not pruned, so the prefill bound stays "
-                          "well above keep_ratio)")
+                          "bound: analytic FLOPs ratio of the tokens kept (the vision tower is not pruned, so the "
+                          "prefill bound stays well above keep_ratio; side streams of mitigation methods are not "
+                          "counted); generate: end to end, prefill + every decode step")
     for col in ("setting", "visual", "LLM tokens", "prefill s", "x base", "bound", "decode s/tok", "x base",
-                "bound", "peak GB", "+GB"):
+                "bound", f"generate {1 + decode_tokens} s", "x base", "peak GB", "+GB"):
         table.add_column(col, justify="left" if col == "setting" else "right")
     labels = ["baseline"] + [f"{m} " + " ".join(f"{k}={v}" for k, v in o.items()) for m, o in settings]
     for r, setting in zip(rows, labels):
         table.add_row(setting, str(r["visual_tokens"]), str(r["llm_tokens_after_pruning"]), _fmt(r["prefill_s"], ".3f"),
                       _fmt(r["prefill_ratio_paired"], ".3f"), _fmt(r["analytic_prefill_ratio"], ".3f"),
                       _fmt(r["decode_s_per_token"], ".4f"), _fmt(r["decode_ratio"], ".3f"),
-                      _fmt(r["analytic_decode_ratio"], ".3f"), _fmt(r["peak_mem_bytes"] / 1e9, ".2f"),
+                      _fmt(r["analytic_decode_ratio"], ".3f"), _fmt(r["generate_s"], ".3f"),
+                      _fmt(r["generate_ratio_paired"], ".3f"), _fmt(r["peak_mem_bytes"] / 1e9, ".2f"),
                       _fmt(r["peak_mem_delta_bytes"] / 1e9, ".2f"))
     console.print(table)
     loads = [r["load_per_core"] for r in rows if r["load_per_core"] is not None]

@@ -120,8 +120,9 @@ def peak_memory_bytes(device=None) -> int:
 def generate_latency(model, batch, decode_tokens: int, repeats: int, device=None, warmup: int = 1) -> dict:
     """Prefill and decode latency through ``model.generate`` (greedy, EOS cannot stop early).
 
-    Returns ``{"prefill_s", "decode_s_per_token", "prefill_runs", "decode_runs"}``: medians and the per-repeat values
-    (so noise is visible). ``decode_s_per_token`` is NaN when ``decode_tokens == 0``; it is not clamped at 0, so a
+    Returns ``{"prefill_s", "decode_s_per_token", "generate_s", "prefill_runs", "decode_runs", "generate_runs"}``:
+    medians and the per-repeat values (so noise is visible); ``generate_s`` is the end-to-end ``generate`` of
+    ``1 + decode_tokens`` new tokens. ``decode_s_per_token`` is NaN when ``decode_tokens == 0``; it is not clamped at 0, so a
     negative value flags a measurement swamped by noise.
     """
 
@@ -131,16 +132,20 @@ def generate_latency(model, batch, decode_tokens: int, repeats: int, device=None
 
     for _ in range(warmup):
         gen(1 + decode_tokens)
-    prefill_runs, decode_runs = [], []
+    prefill_runs, decode_runs, generate_runs = [], [], []
     for _ in range(repeats):
         t1 = time_once(lambda: gen(1), device)
         prefill_runs.append(t1)
         if decode_tokens > 0:
             tn = time_once(lambda: gen(1 + decode_tokens), device)
             decode_runs.append((tn - t1) / decode_tokens)
+            generate_runs.append(tn)
+        else:
+            generate_runs.append(t1)
     return {"prefill_s": statistics.median(prefill_runs),
             "decode_s_per_token": statistics.median(decode_runs) if decode_runs else float("nan"),
-            "prefill_runs": prefill_runs, "decode_runs": decode_runs}
+            "generate_s": statistics.median(generate_runs),
+            "prefill_runs": prefill_runs, "decode_runs": decode_runs, "generate_runs": generate_runs}
 
 
 def machine_load() -> float | None:

@@ -67,7 +67,8 @@ def run_bench(model, processor, methods, batch_size: int = 1, prompt_tokens: int
     (and ``peak_mem_delta_bytes`` above the memory in use before the row), analytic ``flops_prefill`` /
     ``flops_decode_per_token`` for the token counts the method actually kept, the visual tokens kept, and ratios to
     the baseline: ``prefill_ratio``, ``prefill_ratio_paired`` (median of per-round ratios), ``decode_ratio``, ``analytic_prefill_ratio`` (the FLOPs bound on the prefill
-    speed-up), ``mem_ratio``.
+    speed-up), ``mem_ratio``, ``generate_s`` / ``generate_ratio_paired`` (end-to-end generate of 1 + decode_tokens
+    tokens, paired per round like the prefill).
     """
     import vtoolkit as vt
 
@@ -81,7 +82,7 @@ def run_bench(model, processor, methods, batch_size: int = 1, prompt_tokens: int
     settings = [("baseline", {})] + list(methods)
     # Interleaved rounds: every round measures every setting once (baseline first), so slow drift of the machine
     # (frequency, other processes) hits all settings alike; the first round also records memory and warms up.
-    lats = [{"prefill_runs": [], "decode_runs": []} for _ in settings]
+    lats = [{"prefill_runs": [], "decode_runs": [], "generate_runs": []} for _ in settings]
     first: list[tuple] = []
     for rnd in range(repeats):
         for i, (name, overrides) in enumerate(settings):
@@ -97,15 +98,15 @@ def run_bench(model, processor, methods, batch_size: int = 1, prompt_tokens: int
             finally:
                 if handle is not None:
                     handle.remove()
-            lats[i]["prefill_runs"] += lat["prefill_runs"]
-            lats[i]["decode_runs"] += lat["decode_runs"]
+            for key in ("prefill_runs", "decode_runs", "generate_runs"):
+                lats[i][key] += lat[key]
             if rnd == 0:
                 first.append((before, resettable, peak_memory_bytes(dev), stats))
     rows = []
     for (name, overrides), (before, resettable, peak, stats), runs in zip(settings, first, lats):
         lat = {"prefill_s": statistics.median(runs["prefill_runs"]),
                "decode_s_per_token": statistics.median(runs["decode_runs"]) if runs["decode_runs"] else float("nan"),
-               **runs}
+               "generate_s": statistics.median(runs["generate_runs"]), **runs}
         c = _token_counts(model, batch, stats)
         pruned = c["kept_len"] != c["full_len"]
         kw = dict(kept_tokens=c["kept_len"], from_layer=c["from_layer"]) if pruned else {}
@@ -137,6 +138,9 @@ def run_bench(model, processor, methods, batch_size: int = 1, prompt_tokens: int
         per_round = [x for x in per_round if x is not None]
         r["prefill_ratio_paired"] = statistics.median(per_round) if per_round else None
         r["decode_ratio"] = ratio(r["decode_s_per_token"], base["decode_s_per_token"])
+        per_round = [ratio(a, b) for a, b in zip(r["generate_runs"], base["generate_runs"])]
+        per_round = [x for x in per_round if x is not None]
+        r["generate_ratio_paired"] = statistics.median(per_round) if per_round else None   # end to end
         r["analytic_prefill_ratio"] = r["flops_prefill"] / base["flops_prefill"]
         r["analytic_decode_ratio"] = r["flops_decode_per_token"] / base["flops_decode_per_token"]
         r["mem_ratio"] = ratio(r["peak_mem_bytes"], base["peak_mem_bytes"]) if r["peak_resettable"] else None

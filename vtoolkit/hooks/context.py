@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from vtoolkit.compat import cache_length, get_cache, output_cache, support_hint
+from vtoolkit.hooks.sidestream import in_side_stream
 
 _CAPTURED = ("input_ids", "attention_mask", "position_ids", "image_sizes", "image_grid_thw", "video_grid_thw",
              "mm_token_type_ids", "pixel_values", "pixel_values_videos", "labels")
@@ -85,6 +86,7 @@ class CallContext:
         self.has_visual = False   # this call's prompt holds visual input
         self.has_video = False
         self.expand = 1           # rows per input sample (generate's num_beams / num_return_sequences)
+        self.step_input_ids = None   # input_ids of the current forward (a decode step: the tokens chosen last step)
         self.new_call = False     # this prefill starts a call (False for generate(use_cache=False)'s later steps)
         self.layout = Layout()
         self._labels = None       # labels held back from HF's loss (see module docstring)
@@ -103,6 +105,8 @@ class CallContext:
         names = list(inspect.signature(core.get_image_features).parameters)
 
         def get_image_features(inner, *args, **kwargs):
+            if in_side_stream(self.adapter.model):     # a side stream's images (VCD's noised one) are not the call's
+                return inner(*args, **kwargs)
             rec = dict(zip(names, args))
             rec.update(kwargs)
             self._encoder_inputs = {k: rec[k] for k in _CAPTURED if rec.get(k) is not None}
@@ -135,6 +139,7 @@ class CallContext:
         kw = dict(zip(self._arg_names, args))
         kw.update(kwargs)
         self._expected, self._marked = {}, set()
+        self.step_input_ids = kw.get("input_ids")
         cache = get_cache(kw)
         fresh, self._fresh_generate = self._fresh_generate, False
         if cache_length(cache) == 0:
@@ -298,6 +303,45 @@ class CallContext:
             raise ValueError(f"input_ids hold {n}x the encoded images' placeholders but the rows are not repeated "
                              f"prompts (as generate's num_beams / num_return_sequences make them)")
         return n
+
+    def image_features(self) -> list[torch.Tensor]:
+        """The projected visual features of this call's images, one ``[N_i, D]`` tensor per image placeholder block in
+        the order the blocks appear in the (row-major) ``input_ids`` - what HF scatters into the embeddings (generate
+        repeats an image's entry for each of its beam rows)."""
+        out = self._encoder_output() if self._encoder_output is not None else None
+        if out is None or not self.features_from_hooked_encoder:
+            raise RuntimeError("this call's image features were not computed under this handle (precomputed "
+                               "features are not supported by this method)")
+        return list(out.pooler_output)
+
+    def merged_embeddings(self, input_ids: torch.Tensor, by_image: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Token embeddings of ``input_ids`` (``[B, L]``, this call's rows) with image features at the visual
+        placeholders, as the model merges them: ``by_image`` (one ``[N_i, D]`` tensor per image, encoder order, e.g.
+        the features of a noised copy) or, by default, this call's own :meth:`image_features`."""
+        emb = self.adapter.model.get_input_embeddings()(input_ids)
+        if by_image is None:
+            feats = self.image_features()
+        else:          # row-major: each row's images, in the order their placeholder blocks appear
+            feats = [by_image[span.image_index] for row in self.spans for span in row]
+        vis = input_ids == self.adapter.image_token_id
+        n_feats = sum(int(f.shape[0]) for f in feats)
+        if int(vis.sum()) != n_feats:
+            raise RuntimeError(f"{int(vis.sum())} visual placeholders for {n_feats} image features")
+        flat = torch.cat([f.reshape(-1, emb.shape[-1]) for f in feats]).to(emb.device, emb.dtype)
+        return emb.masked_scatter(vis[..., None].to(emb.device), flat)
+
+    def rope_positions(self) -> torch.Tensor:
+        """M-RoPE positions ``[3, B, L]`` of the call's (unpruned) rows, as HF computes them for the prefill."""
+        _ = self.spans      # resolves the row expansion
+        inputs = dict(self.inputs)
+        if self.expand > 1:
+            for k in _ROWWISE:
+                if inputs.get(k) is not None:
+                    inputs[k] = inputs[k][:: self.expand]
+        mask = inputs.get("attention_mask")
+        pos, _ = self.adapter.rope_index(inputs, attention_mask=mask if mask is not None and mask.dim() == 2
+                                         else None)
+        return pos.repeat_interleave(self.expand, dim=1) if self.expand > 1 else pos
 
     def visual_mask(self, layer: int = 0) -> torch.Tensor:
         """``[B, L]`` bool over the prompt rows decoder layer ``layer`` sees: True at visual token positions (in the

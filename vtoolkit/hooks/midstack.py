@@ -37,6 +37,7 @@ import torch
 from vtoolkit.compat import cache_layer_kv, cache_length, get_cache, set_cache_layer_tensors
 from vtoolkit.hooks.masks import causal_mask
 from vtoolkit.hooks.sequence import is_identity, keep_plan
+from vtoolkit.hooks.sidestream import in_side_stream
 from vtoolkit.kernels import compact_kv, gather_kept
 
 
@@ -73,6 +74,8 @@ class MidStackPruner:
 
     def _make_hook(self, i: int):
         def hook(module, args, kwargs):
+            if in_side_stream(self.adapter.model):
+                return None                  # another method's side rows run this layer with their own masks
             hidden = args[0] if args else kwargs["hidden_states"]
             # the context saw this forward start with an empty cache (layer 0's cache is already filled by now)
             if self.ctx.is_prefill and self.plan is None and self._is_full_prompt(hidden):

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from vtoolkit.compat import cache_length, get_cache
+from vtoolkit.hooks.sidestream import in_side_stream
 from vtoolkit.kernels import gather_kept
 
 POLICIES = ("contiguous", "original")
@@ -117,6 +118,8 @@ class SequencePruner:
 
     # ------------------------------------------------------------------------------------------------------------
     def _pre(self, module, args, kwargs):
+        if in_side_stream(self.adapter.model):
+            return None                      # another method's side rows (e.g. a contrast stream): not ours
         if args:
             raise TypeError("vtoolkit expects the language model to be called with keyword arguments")
         emb = kwargs.get("inputs_embeds")

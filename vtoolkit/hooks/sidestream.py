@@ -78,6 +78,16 @@ def contiguous_positions(valid: torch.Tensor) -> torch.Tensor:
     return (valid.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def continue_positions(positions: torch.Tensor, valid: torch.Tensor, generated: int, q: int) -> torch.Tensor:
+    """Positions of ``q`` new tokens after left-padded rows (``positions [B, L]`` or M-RoPE ``[3, B, L]``) that
+    already generated ``generated`` tokens: one past the rows' largest position (M-RoPE: the same on all 3 rows)."""
+    vmask = valid[None] if positions.dim() == 3 else valid
+    last = positions.masked_fill(~vmask, -1)
+    last = last.amax(-1) if positions.dim() == 2 else last.amax(dim=(0, 2))
+    nxt = (last + 1 + generated)[:, None] + torch.arange(q, device=positions.device)
+    return nxt[None].expand(3, -1, -1) if positions.dim() == 3 else nxt
+
+
 class SideStream:
     """Side rows of one call (see the module docstring). ``owner`` names the method in errors."""
 
@@ -227,13 +237,8 @@ class SideStream:
         return kw
 
     def next_positions(self, q: int, dev) -> torch.Tensor:
-        """Positions of the next ``q`` side tokens: after the side prompt's last position (M-RoPE: on all rows)."""
-        pos = self.positions.to(dev)
-        last = pos.masked_fill(~self.valid.to(dev)[None] if pos.dim() == 3 else ~self.valid.to(dev), -1)
-        last = last.amax(-1) if pos.dim() == 2 else last.amax(dim=(0, 2))
-        start = last + 1 + (self._length - self.valid.shape[1])
-        nxt = start[:, None] + torch.arange(q, device=dev)
-        return nxt[None].expand(3, -1, -1) if pos.dim() == 3 else nxt
+        """Positions of the next ``q`` side tokens, after the side prompt and the tokens it generated so far."""
+        return continue_positions(self.positions.to(dev), self.valid.to(dev), self._length - self.valid.shape[1], q)
 
     def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``[2B, ...]`` -> (main rows, side rows)."""

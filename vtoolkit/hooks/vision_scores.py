@@ -9,13 +9,15 @@
   token, and un-permuted from Qwen2.5-VL's window order to raster order. Computed in an attention interceptor
   (post-RoPE q/k), the base attention still runs unchanged.
 
-Scores are reset at each vision-tower call and read by the method at the LLM prefill (``per_image()``).
+Scores are reset at each vision-tower call and read by the method at the LLM prefill (``by_image()``). Vision-tower
+calls made by a side stream (e.g. VCD's noised image) are not scored and reset nothing.
 """
 from __future__ import annotations
 
 import torch
 
 from vtoolkit.hooks.attention import intercept
+from vtoolkit.hooks.sidestream import in_side_stream
 
 QUERY_BLOCK = 1024
 
@@ -71,6 +73,8 @@ class VisionScores:
 
     # -- hooks --------------------------------------------------------------------------------------------------
     def _reset(self, module, args, kwargs):
+        if in_side_stream(self.adapter.model):
+            return None
         self._tag = self.ctx.encoder_calls   # which encoder call these scores belong to
         self._chunks = []
         self._q = self._k = None
@@ -79,6 +83,8 @@ class VisionScores:
         return None
 
     def _cls_done(self, module, args, out):
+        if in_side_stream(self.adapter.model):
+            return None
         q, k = self._q, self._k
         self._q = self._k = None
         B, T, _ = q.shape
@@ -91,6 +97,8 @@ class VisionScores:
         return None
 
     def _received(self, module, query, key, value, attention_mask, kwargs):
+        if in_side_stream(self.adapter.model):
+            return None
         scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
         cu = kwargs.get("cu_seq_lens_q")
         q, k = query[0], key[0]                     # [H, N, d] (vision attention runs with batch 1)
@@ -111,6 +119,22 @@ class VisionScores:
         """CLS encoders: one ``[N]`` score row per crop, in the order the crops went through the tower."""
         self._check_fresh()
         return list(torch.cat(self._chunks, 0))
+
+    def by_image(self, ctx) -> list[list[torch.Tensor]]:
+        """Per image of the call (encoder order): one score tensor per crop (LLaVA-NeXT: base image, then tiles),
+        each over the crop's full raster; what :func:`vtoolkit.methods.prune_base.select_top` takes."""
+        if not self.adapter.has_cls:
+            return [[s] for s in self.per_image()]
+        rows = self.per_crop()
+        out, cursor = [], 0
+        images = {s.image_index: s for sample in ctx.spans for s in sample}   # rows repeat images (beams)
+        for span in (images[i] for i in sorted(images)):
+            n = len(span.crops)
+            out.append(rows[cursor:cursor + n])
+            cursor += n
+        if cursor != len(rows):
+            raise RuntimeError(f"the vision tower scored {len(rows)} crops but the prompt holds {cursor}")
+        return out
 
     def per_image(self) -> list[torch.Tensor]:
         """No-CLS encoders: one score per LLM visual token (merged), raster order, per image."""

@@ -74,15 +74,4 @@ class FasterVLM(ScorePrune):
         return keep
 
     def token_scores(self, ctx):
-        if self.adapter.has_cls:
-            rows = self.scores.per_crop()
-            out, cursor = [], 0
-            images = {s.image_index: s for sample in ctx.spans for s in sample}   # rows repeat images (beams)
-            for span in (images[i] for i in sorted(images)):
-                n = len(span.crops)
-                out.append(rows[cursor:cursor + n])
-                cursor += n
-            if cursor != len(rows):
-                raise RuntimeError(f"the vision tower scored {len(rows)} crops but the prompt holds {cursor}")
-            return out
-        return [[s] for s in self.scores.per_image()]
+        return self.scores.by_image(ctx)

@@ -101,38 +101,60 @@ class ScorePrune(Method):
 
     def select(self, ctx) -> list[torch.Tensor]:
         cfg = self.config
-        spans = ctx.spans
-        scores = self.token_scores(ctx)
-        keep_all, kept_idx, before, after = [], [], [], []
-        for b, sample in enumerate(spans):
-            keep_b, idx_b = [], []
-            for span in sample:
-                crop_scores = scores[span.image_index]
-                if len(crop_scores) != len(span.crops):
-                    raise RuntimeError(f"{len(crop_scores)} score rows for {len(span.crops)} crops of image "
-                                       f"{span.image_index}")
-                present = [s.to(span.positions.device)[p] for s, p in zip(crop_scores, span.crop_patches)]
-                chosen = []
-                if cfg.budget_scope == "per_crop" or len(span.crops) == 1:
-                    for c, (s, pos) in enumerate(zip(present, span.crops)):
-                        full = crop_scores[c].numel()
-                        t = min(cfg.budget(full, f"crop {c} of image {span.image_index} (sample {b})"), s.numel())
-                        chosen.append(pos[torch.topk(s, t, sorted=False).indices])
-                else:
-                    s, pos = torch.cat(present), torch.cat(span.crops)
-                    t = cfg.budget(s.numel(), f"image {span.image_index} (sample {b})")
-                    chosen.append(pos[torch.topk(s, t, sorted=False).indices])
-                if span.newlines is not None:
-                    chosen.append(span.newlines)
-                kept = torch.cat(chosen).sort().values
-                keep_b.append(kept)
-                idx_b.append(torch.searchsorted(span.positions, kept).cpu())
-            keep_all.append(torch.cat(keep_b) if keep_b else None)
-            kept_idx.append(idx_b)
-            before.append(sum(s.num_tokens for s in sample))
-            after.append(sum(k.numel() for k in keep_b))
+        sel = select_top(ctx, self.token_scores(ctx), cfg.budget, per_crop=cfg.budget_scope == "per_crop",
+                         newlines="all")
         rows = ctx.sample_rows
-        self._stats = {"kept_indices": [kept_idx[r] for r in rows],
-                       "visual_tokens_before": [before[r] for r in rows],
-                       "visual_tokens_after": [after[r] for r in rows], "positions": self.positions_policy()}
-        return keep_all
+        self._stats = {"kept_indices": [sel.indices[r] for r in rows],
+                       "visual_tokens_before": [sel.before[r] for r in rows],
+                       "visual_tokens_after": [sel.after[r] for r in rows], "positions": self.positions_policy()}
+        return sel.keep
+
+
+@dataclass
+class Selection:
+    """Per LLM row: ``keep`` (sorted sequence positions of the chosen visual tokens, or None when the row has none),
+    ``indices`` (per image, the chosen tokens' indices within that image's visual tokens), token counts."""
+
+    keep: list
+    indices: list
+    before: list
+    after: list
+
+
+def select_top(ctx, scores, count, per_crop: bool = True, newlines: str = "all") -> Selection:
+    """The top-scored visual tokens of every image of every row, kept in their original order.
+
+    ``scores[image_index]``: one score tensor per crop over the crop's full raster (``ImageSpan.crop_patches``
+    index into it). ``count(n, what) -> T``: tokens to keep out of a unit of ``n`` (a crop when ``per_crop`` or the
+    image has one crop - an unpadded LLaVA-NeXT tile keeps at most what it has -, else the image's patch tokens).
+    ``newlines``: LLaVA-NeXT ``image_newline`` tokens kept: ``"all"`` (never counted in the budget), ``"last"`` (the
+    image block's final one), or ``"none"``."""
+    keep_all, kept_idx, before, after = [], [], [], []
+    for b, sample in enumerate(ctx.spans):
+        keep_b, idx_b = [], []
+        for span in sample:
+            crop_scores = scores[span.image_index]
+            if len(crop_scores) != len(span.crops):
+                raise RuntimeError(f"{len(crop_scores)} score rows for {len(span.crops)} crops of image "
+                                   f"{span.image_index}")
+            present = [s.to(span.positions.device)[p] for s, p in zip(crop_scores, span.crop_patches)]
+            chosen = []
+            if per_crop or len(span.crops) == 1:
+                for c, (s, pos) in enumerate(zip(present, span.crops)):
+                    t = min(count(crop_scores[c].numel(), f"crop {c} of image {span.image_index} (sample {b})"),
+                            s.numel())
+                    chosen.append(pos[torch.topk(s, t, sorted=False).indices])
+            else:
+                s, pos = torch.cat(present), torch.cat(span.crops)
+                t = count(s.numel(), f"image {span.image_index} (sample {b})")
+                chosen.append(pos[torch.topk(s, t, sorted=False).indices])
+            if span.newlines is not None and span.newlines.numel() and newlines != "none":
+                chosen.append(span.newlines if newlines == "all" else span.newlines[-1:])
+            kept = torch.cat(chosen).sort().values
+            keep_b.append(kept)
+            idx_b.append(torch.searchsorted(span.positions, kept).cpu())
+        keep_all.append(torch.cat(keep_b) if keep_b else None)
+        kept_idx.append(idx_b)
+        before.append(sum(s.num_tokens for s in sample))
+        after.append(sum(k.numel() for k in keep_b))
+    return Selection(keep_all, kept_idx, before, after)

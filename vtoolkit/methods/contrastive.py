@@ -1,0 +1,229 @@
+"""Contrastive decoding inside the stock ``generate``: the machinery DAMRO and VCD share (one file per method on top).
+
+Per decoding step, with ``l_full`` the next-token logits of the user's prompt and ``l_contrast`` those of a contrast
+stream (DAMRO: the same prompt seeing only a few ViT outlier tokens; VCD: seeing a noised image)::
+
+    l = (1 + alpha) * l_full - alpha * l_contrast
+    l[y] = -inf   where   p_full(y) < beta * max_y' p_full(y')       (adaptive plausibility, on the FULL stream;
+                                                                       beta = 0 switches it off)
+
+then the token is the argmax of ``l`` (greedy) or drawn from ``softmax(l)`` (sampling). ``alpha = 0, beta = 0`` is the
+baseline. Beams run on ``l`` as on any logits.
+
+Logits processors (``processors=``):
+
+- ``"direct"``: the contrasted distribution is used as it is - generate's shaping processors are neutralised for the
+  call (temperature 1, top-k 0, top-p 1, min-p / typical-p / epsilon / eta / top-h off, repetition and
+  encoder-repetition penalty 1, no-repeat-ngram 0, sequence bias and guidance off); length and format constraints
+  (``min_new_tokens``, bad words, forced / suppressed tokens) still apply. This is what DAMRO's released code does
+  (its replacement sampler comments every processor out); a non-neutral value passed to ``generate`` is ignored with a
+  warning naming it.
+- ``"standard"``: generate applies its processors after the contrast, as the VCD release does.
+
+How it runs (:mod:`vtoolkit.hooks.sidestream`, own cache + batched decode): at the prefill a language-model pre-hook
+builds the contrast rows from the call's inputs (:meth:`ContrastiveDecoding.contrast_rows`), prefills them in one
+nested call with their own cache and keeps their last-position logits; when the main prefill is done its cache gets
+the contrast rows appended, and every decode step runs both streams as one batch of ``2B`` rows; a forward hook on
+the LM head combines the two halves and hands ``generate`` the ``B`` contrasted rows. ``generate(use_cache=False)``
+re-runs the contrast prompt plus the tokens generated so far at every step (same tokens as the cached run).
+
+Composition: a pre-LLM pruner (FasterVLM, random) may run first - the full stream is pruned, the contrast stream is
+built from the call's own inputs; mid-stack pruners (FastV, DyVTE) and methods at the same stage are refused.
+``h.stats``: ``changed_tokens`` (per sample: steps where the contrasted argmax differs from the full stream's, until
+the sample's first EOS) and ``steps``.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from vtoolkit.compat import get_cache, output_cache
+from vtoolkit.config import MethodConfig
+from vtoolkit.hooks.sidestream import SideStream, contiguous_positions, continue_positions, in_side_stream, side_active
+from vtoolkit.methods.base import Method
+
+PROCESSOR_MODES = ("direct", "standard")
+# generate's sampling-shaping settings, each with the values that mean "off" ("direct" mode sets them to None)
+NEUTRAL = {"temperature": (1.0,), "top_k": (0,), "top_p": (1.0,), "min_p": (), "typical_p": (1.0,),
+           "epsilon_cutoff": (0.0,), "eta_cutoff": (0.0,), "top_h": (), "repetition_penalty": (1.0,),
+           "encoder_repetition_penalty": (1.0,), "no_repeat_ngram_size": (0,), "sequence_bias": (),
+           "guidance_scale": (1.0,)}
+
+
+def contrast_logits(full: torch.Tensor, contrast: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
+    """``(1 + alpha) * full - alpha * contrast``, with ``-inf`` where ``p_full < beta * max p_full`` (last dim)."""
+    out = (1 + alpha) * full - alpha * contrast
+    if beta > 0:
+        cutoff = math.log(beta) + full.max(dim=-1, keepdim=True).values
+        out = out.masked_fill(full < cutoff, float("-inf"))
+    return out
+
+
+@dataclass(frozen=True)
+class ContrastiveConfig(MethodConfig):
+    alpha: float = 1.0
+    beta: float = 0.1
+    processors: str = "standard"
+
+    def validate(self) -> None:
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or self.alpha < 0:
+            raise ValueError(f"alpha (contrast strength) must be a number >= 0, got {self.alpha!r}")
+        if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) or not 0 <= self.beta < 1:
+            raise ValueError(f"beta (plausibility cutoff) must be in [0, 1), got {self.beta!r}")
+        if self.processors not in PROCESSOR_MODES:
+            raise ValueError(f"processors must be one of {PROCESSOR_MODES}, got {self.processors!r}")
+
+
+class ContrastiveDecoding(Method):
+    """Base of contrastive-decoding methods; subclasses build the contrast rows (:meth:`contrast_rows`)."""
+
+    def install(self, hooks, ctx) -> None:
+        self.ctx = ctx
+        ctx.listeners.append(self)
+        a = self.adapter
+        self.side: SideStream | None = None
+        self._side_logits = None
+        hooks.forward_pre(a.language_model, self._lm_pre, with_kwargs=True)
+        hooks.forward(a.language_model, self._lm_post)
+        hooks.forward(a.lm_head, self._combine)
+        hooks.patch(a.model, "generate", self._generate)
+
+    # -- generate: processors ---------------------------------------------------------------------------------------
+    def _generate(self, inner, *args, **kwargs):
+        if self.config.processors == "direct":
+            given = kwargs.get("generation_config")
+            target = copy.deepcopy(given) if given is not None else None
+            ignored = {}
+            for key, off in NEUTRAL.items():
+                value = kwargs.pop(key, None)
+                if value is None and given is not None:
+                    value = getattr(given, key, None)
+                if value is not None and value not in off:
+                    ignored[key] = value
+                if target is not None:            # the user's config, neutralised (no kwargs next to it)
+                    if hasattr(target, key):
+                        setattr(target, key, off[0] if off else None)
+                else:                             # kwargs override the model's and the global defaults
+                    kwargs[key] = off[0] if off else None
+            if target is not None:
+                kwargs["generation_config"] = target
+            if ignored:
+                warnings.warn(f"{self.name}: processors='direct' samples from the contrasted distribution as the "
+                              f"official code does, so {ignored} is ignored; apply it with processors='standard'",
+                              UserWarning, stacklevel=3)
+        return inner(*args, **kwargs)
+
+    # -- per call ---------------------------------------------------------------------------------------------------
+    def on_prefill(self, ctx) -> None:
+        if ctx.new_call:
+            self._stats = {"changed_tokens": [0] * len(ctx.sample_rows if ctx.inputs.get("input_ids") is not None
+                                                         else []), "steps": 0}
+            self._done = None
+            self._prompt_len = ctx.inputs["input_ids"].shape[1] if ctx.inputs.get("input_ids") is not None else 0
+        else:                      # generate(use_cache=False): this prefill re-runs the sequence after one more token
+            self._note_chosen(ctx)
+        self.side, self._side_logits = None, None
+        ctx.expect(f"{self.name}:contrast", self.name, "the contrast stream was not prefilled in this forward")
+        ctx.expect(f"{self.name}:combine", self.name, "the LM head did not combine the two streams' logits")
+
+    def on_step(self, ctx) -> None:
+        ctx.expect(f"{self.name}:widen", self.name, "the decode step did not run the contrast rows")
+        ctx.expect(f"{self.name}:combine", self.name, "the LM head did not combine the two streams' logits")
+        self._note_chosen(ctx)
+
+    def _note_chosen(self, ctx) -> None:
+        """A row whose last input token (the token chosen at the previous step) is EOS has finished."""
+        if self._done is not None and ctx.step_input_ids is not None:
+            eos = self._eos_ids()
+            for j, r in enumerate(ctx.sample_rows):
+                self._done[j] |= int(ctx.step_input_ids[r, -1]) in eos
+
+    def contrast_rows(self, ctx, kwargs, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(embeds [B, Ls, D], valid [B, Ls], positions [B, Ls] | [3, B, Ls] | None)`` of the contrast prompt,
+        left-padded, for the call's rows: built from the first ``n`` positions of ``ctx.inputs`` (the prompt; with
+        ``use_cache=False`` later prefills also hold the generated tokens). ``kwargs``: the language model's
+        prefill arguments."""
+        raise NotImplementedError
+
+    def _lm_pre(self, module, args, kwargs):
+        ctx = self.ctx
+        if in_side_stream(self.adapter.model):
+            return None
+        if ctx.is_prefill:
+            if ctx.inputs.get("input_ids") is None:
+                raise ValueError(f"{self.name} needs input_ids at prefill to build its contrast stream; this call "
+                                 f"passed only inputs_embeds")
+            embeds, valid, positions = self.contrast_rows(ctx, kwargs, self._prompt_len)
+            embeds, valid, positions = self._with_generated(ctx, embeds, valid, positions)
+            self.side = SideStream(self.adapter, self.name)
+            self.side.set_rows(embeds, valid, positions)
+            h_last = self.side.prefill()
+            self._side_logits = self._head(h_last)
+            ctx.mark(f"{self.name}:contrast")
+            return None
+        if self.side is None or self.side.cache is not None:
+            return None
+        ctx.mark(f"{self.name}:widen")
+        return (), self.side.widen(kwargs, get_cache(kwargs))
+
+    def _with_generated(self, ctx, embeds, valid, positions):
+        """generate(use_cache=False): every step re-runs the prompt plus the tokens generated so far; append those
+        to the contrast prompt (same tokens, positions continuing the contrast prompt's)."""
+        ids = ctx.inputs["input_ids"]
+        extra = ids.shape[1] - self._prompt_len
+        if ctx.new_call or extra <= 0:
+            return embeds, valid, positions
+        gen = ids[:, self._prompt_len:].to(embeds.device)
+        g_emb = self.adapter.model.get_input_embeddings()(gen).to(embeds.dtype)
+        if positions is None:
+            positions = contiguous_positions(valid)
+        positions = torch.cat([positions, continue_positions(positions, valid, 0, extra)], -1)
+        return torch.cat([embeds, g_emb], 1), torch.cat([valid, torch.ones_like(gen, dtype=torch.bool)], 1), positions
+
+    def _lm_post(self, module, args, output):
+        if in_side_stream(self.adapter.model) or not self.ctx.is_prefill or self.side is None:
+            return None
+        cache = output_cache(output)
+        if cache is not None:
+            self.side.join(cache)
+        return None
+
+    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
+        with side_active(self.adapter.model):
+            return self.adapter.lm_head(hidden)
+
+    def _combine(self, module, args, out):
+        if in_side_stream(self.adapter.model) or self.side is None:
+            return None
+        ctx = self.ctx
+        if ctx.is_prefill:
+            full, contrast = out, self._side_logits[:, None].to(out.dtype)
+            main = out
+        else:
+            main, side = self.side.split(out)
+            full, contrast = main, side
+        last = contrast_logits(full[:, -1:], contrast[:, -1:], self.config.alpha, self.config.beta)
+        self._count_changes(ctx, full[:, -1], last[:, -1])
+        ctx.mark(f"{self.name}:combine")
+        if main.shape[1] == 1:
+            return last
+        return torch.cat([main[:, :-1], last], 1)
+
+    def _count_changes(self, ctx, full: torch.Tensor, combined: torch.Tensor) -> None:
+        changed = (full.argmax(-1) != combined.argmax(-1)).tolist()
+        if self._done is None:
+            self._done = [False] * len(ctx.sample_rows)
+        for j, r in enumerate(ctx.sample_rows):
+            if not self._done[j]:
+                self._stats["changed_tokens"][j] += int(changed[r])
+        self._stats["steps"] += 1
+
+    def _eos_ids(self) -> set[int]:
+        e = getattr(self.adapter.model.generation_config, "eos_token_id", None)
+        if e is None:
+            return set()
+        return {int(e)} if isinstance(e, int) else {int(x) for x in e}
