@@ -29,7 +29,8 @@ def test_methods_table_equals_the_registry():
     block = README.split("<!-- methods:begin -->\n")[1].split("<!-- methods:end -->")[0]
     res = CliRunner().invoke(app, ["list", "--markdown"])
     assert res.exit_code == 0
-    assert block == res.output, f"README methods table is stale; replace it with `vtoolkit list --markdown`:\n{res.output}"
+    assert block == res.output, f"README methods table is stale; replace it with `vtoolkit list --markdown`:\n" \
+                                f"{res.output}"
     rows = {r.split("|")[1].strip(" `"): r.split("|")[4] for r in block.splitlines()[2:]}
     assert sorted(rows) == sorted(r["name"] for r in vt.list_methods())
     for r in vt.list_methods():

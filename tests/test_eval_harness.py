@@ -262,7 +262,8 @@ def test_report_without_baseline_says_so(tmp_path):
     run = _fake_run(tmp_path, "fastervlm", "fastervlm", 8, 1, 0.78, 0.05)
     res = invoke("report", run, "--out", tmp_path / "rep")
     assert res.exit_code == 0
-    msg = "pope on m: no baseline run (method none) among the runs given, so no delta, rel_score, speedup or token_ratio"
+    msg = ("pope on m: no baseline run (method none) among the runs given, so no delta, rel_score, speedup or "
+           "token_ratio")
     assert f"warning: {msg}" in res.output and msg in (tmp_path / "rep" / "report.md").read_text()
 
 

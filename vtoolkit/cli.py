@@ -83,12 +83,15 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, cls=RootGroup,
                   help="Training-free visual-token pruning and hallucination mitigation for HF multimodal LLMs.")
 
 
-def console():
-    """A rich console; output to a pipe or file gets long lines instead of rich's default 80 columns."""
+def print_table(table) -> None:
+    """Print a rich table on stdout; into a pipe or file at its natural width, not squeezed into rich's default 80
+    columns (``--json`` is the format for machines)."""
     from rich.console import Console
 
-    c = Console()
-    return c if c.is_terminal else Console(width=1000)
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=max(80, Console(width=100_000).measure(table).maximum))
+    console.print(table)
 
 
 def _print_version(value: bool) -> None:
@@ -139,7 +142,7 @@ def list_cmd(pattern: str = typer.Argument("*", help="glob over method names or 
     for r in rows:
         table.add_row(r["name"], r["kind"], r["stage"], ", ".join(r["architectures"]), ", ".join(r["requires"]) or "-",
                       r["description"])
-    console().print(table)
+    print_table(table)
 
 
 def _mount_subcommands() -> None:

@@ -29,12 +29,13 @@ def bench(shape: str = typer.Option("midsize", help="midsize (CLIP-L/336 + 16x20
 
     Every setting is checked before the model is built (a wrong one exits with 2 and one line naming the option)."""
     import torch
+    from rich.console import Console
     from rich.table import Table
 
     import vtoolkit as vt
     from vtoolkit.bench import midsize
     from vtoolkit.bench.run import run_bench
-    from vtoolkit.cli import console as make_console
+    from vtoolkit.cli import print_table
     from vtoolkit.config import ConfigError, parse_overrides
     from vtoolkit.eval.validate import method_config, method_name
 
@@ -66,7 +67,7 @@ def bench(shape: str = typer.Option("midsize", help="midsize (CLIP-L/336 + 16x20
         except ConfigError as e:
             raise ConfigError(f"--keep-ratios {r}: {e}") from None
     settings = [(method, {**fixed, "keep_ratio": r}) for r in ratios] or [(method, fixed)]
-    console = make_console()
+    console = Console()
     torch.manual_seed(0)
     t0 = time.perf_counter()
     with console.status(f"building the {shape} model"):
@@ -95,14 +96,14 @@ def bench(shape: str = typer.Option("midsize", help="midsize (CLIP-L/336 + 16x20
                       _fmt(r["decode_s_per_token"], ".4f"), _fmt(r["decode_ratio"], ".3f"),
                       _fmt(r["analytic_decode_ratio"], ".3f"), _fmt(r["peak_mem_bytes"] / 1e9, ".2f"),
                       _fmt(r["peak_mem_delta_bytes"] / 1e9, ".2f"))
-    console.print(table)
+    print_table(table)
     loads = [r["load_per_core"] for r in rows if r["load_per_core"] is not None]
     if loads and max(loads) > 1.5:
-        console.print(f"[yellow]warning: machine load reached {max(loads):.1f} per core during the run: other "
-                      f"processes competed for the CPU and the timings are noisy[/yellow]")
+        typer.echo(f"warning: machine load reached {max(loads):.1f} per core during the run: other processes "
+                   f"competed for the CPU and the timings are noisy", err=True)
     if any(r["decode_s_per_token"] <= 0 for r in rows):   # NaN (no decode measured) compares False
-        console.print("[yellow]warning: a non-positive decode time means noise exceeded the decode cost: raise "
-                      "--decode-tokens or --repeats[/yellow]")
+        typer.echo("warning: a non-positive decode time means noise exceeded the decode cost: raise --decode-tokens "
+                   "or --repeats", err=True)
     if out:
         with open(out, "w") as fh:
             json.dump(rows, fh, indent=2)

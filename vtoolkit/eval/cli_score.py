@@ -72,9 +72,9 @@ def _table(title: str, columns: list[str]):
 
 
 def _print(table) -> None:
-    from vtoolkit.cli import console
+    from vtoolkit.cli import print_table
 
-    console().print(table)
+    print_table(table)
 
 
 def _pct(v) -> str:

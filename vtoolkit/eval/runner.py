@@ -498,7 +498,8 @@ def score_benchmark(bench: str, rows: Sequence[dict], protocol: Protocol, datase
             res.update(_score_chair(valid, protocol, dataset, out_dir))
         res["status"] = "scored"
     except Exception as e:  # noqa: BLE001 - a scoring problem must not lose the predictions
-        res["score_error"] = with_flags(f"{type(e).__name__}: {e}", {"zero_division": f"--set {bench}.zero_division={{}}"})
+        res["score_error"] = with_flags(f"{type(e).__name__}: {e}",
+                                        {"zero_division": f"--set {bench}.zero_division={{}}"})
         res["headline"] = None
         res["status"] = "not_scored"
     return res
@@ -542,6 +543,8 @@ def _score_pope(valid, protocol, dataset) -> dict:
     d = rep.to_dict()
     return {"splits": d["splits"], "average": d["average"], "headline": d["average"]["f1"],
             "headline_name": "POPE F1 (mean over splits)", "higher_is_better": True}
+
+
 def _one_line(s: str) -> str:
     return " ".join((s or "").replace("\t", " ").split())
 

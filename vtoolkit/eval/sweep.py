@@ -163,7 +163,8 @@ def load_sweep(path: str | Path, overrides: Mapping | None = None,
     return spec
 
 
-def check_sweep(spec: Mapping, path: str | Path, names: Mapping[str, str] | None = None) -> list[tuple[str, dict, dict]]:
+def check_sweep(spec: Mapping, path: str | Path,
+                names: Mapping[str, str] | None = None) -> list[tuple[str, dict, dict]]:
     """The grid points of ``spec`` (see :func:`expand_grid`) once everything is checked; otherwise one ConfigError
     listing every problem, each naming the key as ``path: key`` (or as ``names`` spells overridden keys, e.g.
     ``--limit``). Nothing is loaded but the registry: it takes well under a second."""
@@ -217,10 +218,10 @@ def run_sweep(path: str | Path, *, out: str | Path | None = None, resume: bool =
     out_root = Path(out or spec.get("out") or Path("runs") / spec["name"])
     plan = [{"name": run_name(m, g), "method": m, "options": o, "dir": str(out_root / run_name(m, g))}
             for m, o, g in points]
-    names_ = [p["name"] for p in plan]
-    if len(set(names_)) != len(names_):  # same grid point from two entries (e.g. two presets): disambiguate
+    run_names = [p["name"] for p in plan]
+    if len(set(run_names)) != len(run_names):  # same grid point from two entries (e.g. two presets): disambiguate
         for i, p in enumerate(plan):
-            if names_.count(p["name"]) > 1:
+            if run_names.count(p["name"]) > 1:
                 p["name"] = f"{p['name']}_{i}"
                 p["dir"] = str(out_root / p["name"])
     dist = dist_info()

@@ -69,7 +69,8 @@ def methods_markdown(rows: list[Mapping[str, Any]]) -> str:
     lines = ["| method | kind | stage | model types |", "|---|---|---|---|"]
     for r in rows:
         types_ = supported_model_types(r["name"])
-        shown = f"any ({', '.join(types_)})" if "*" in r["architectures"] or types_ == all_types() else ", ".join(types_)
+        every = "*" in r["architectures"] or types_ == all_types()
+        shown = f"any ({', '.join(types_)})" if every else ", ".join(types_)
         lines.append(f"| `{r['name']}` | {r['kind']} | {r['stage']} | {shown or '-'} |")
     return "\n".join(lines) + "\n"
 
