@@ -30,11 +30,11 @@ def test_every_registered_config_is_checked():
     with pytest.raises(ConfigTypeError, match="'skip_unused_vision_layers' must be a bool"):
         vt.get_config_class("fastervlm")(skip_unused_vision_layers=1)
     # an int is fine for a float, and stored as one (so configs written to config.json compare equal)
-    cfg = vt.get_config_class("fastv")(ratio=0)
-    assert cfg.ratio == 0.0 and isinstance(cfg.ratio, float)
+    cfg = vt.get_config_class("fastv")(keep_ratio=1)
+    assert cfg.keep_ratio == 1.0 and isinstance(cfg.keep_ratio, float)
     assert vt.get_config_class("fastervlm")(keep_ratio=1).to_dict()["keep_ratio"] == 1.0
     # range checks of validate() still apply after the type check
-    with pytest.raises(ValueError, match="keep_ratio must be in"):
+    with pytest.raises(ValueError, match=r"keep_ratio \(the share of visual tokens KEPT\) must be in"):
         vt.get_config_class("fastervlm")(keep_ratio=1.5)
 
 
