@@ -104,7 +104,7 @@ def test_pope_zero_division_flag(tmp_path):
     q = tmp_path / "q.jsonl"
     q.write_text('{"label": "yes"}\n{"label": "no"}\n')
     res = _run("pope", "-a", a, "-q", q)
-    assert res.exit_code == 2 and "precision" in res.output and "zero_division" in res.output
+    assert res.exit_code == 2 and "precision" in res.output and "Pass --zero-division zero to report 0" in res.output
     out = _json("pope", "-a", a, "-q", q, "--zero-division", "zero")
     assert out["splits"]["q"]["precision"] == 0
 

@@ -7,6 +7,7 @@ import yaml
 from typer.testing import CliRunner
 
 from conftest import tiny_model
+from vtoolkit.config import ConfigError
 from vtoolkit.eval import demo_data as dd
 from vtoolkit.eval.report import write_report
 from vtoolkit.eval.runner import read_predictions
@@ -48,8 +49,10 @@ def test_sweep_and_report(tmp_path):
     assert "| baseline | none |" in md and "delta" in md and "speedup" in md
     assert rep["csv"].read_text().count("\n") == 4
     assert len(rep["plots"]) == 2 and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in rep["plots"])
-    # a second call only re-scores (resume of finished runs), and the report command takes the sweep folder
-    again = run_sweep(path, out=tmp_path / "out", progress=False, model_and_processor=(model, proc))
+    # a second call is refused unless it resumes, which only re-scores finished runs; report takes the sweep folder
+    with pytest.raises(ConfigError, match="already holds results of run.*pass --resume"):
+        run_sweep(path, out=tmp_path / "out", progress=False, model_and_processor=(model, proc))
+    again = run_sweep(path, out=tmp_path / "out", progress=False, resume=True, model_and_processor=(model, proc))
     assert [r["score"] for r in again["rows"]] == [r["score"] for r in rows]
     rep2 = write_report([tmp_path / "out"], tmp_path / "rep2")
     assert len(rep2["table"]) == 3
@@ -74,7 +77,7 @@ def test_cli_eval_set_routing_and_resume(tmp_path, monkeypatch):
     assert conf["protocols"]["mme"]["max_new_tokens"] == 2 and conf["data"]["mme"]["path"] == str(mme)
     assert len(read_predictions(out / "predictions" / "mme.jsonl")) == 2
     r2 = CliRunner().invoke(app, args)
-    assert r2.exit_code != 0 and "--resume" in str(r2.exception)
+    assert r2.exit_code == 2 and "already holds results of an earlier run" in r2.output and "--resume" in r2.output
     r3 = CliRunner().invoke(app, args + ["--resume"])
     assert r3.exit_code == 0, r3.output
     r4 = CliRunner().invoke(app, ["report", str(out), "--out", str(tmp_path / "rep")])

@@ -191,9 +191,9 @@ def test_yaml_preset_and_overrides(tmp_path):
     with pytest.raises(ValueError, match="key=value"):
         parse_overrides(["oops"])
     (tmp_path / "bad.yaml").write_text("!!python/object/apply:os.system ['echo hi']\n")
-    import yaml
+    from vtoolkit.config import ConfigError
 
-    with pytest.raises(yaml.YAMLError):
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML at line 1"):
         load_method_preset(tmp_path / "bad.yaml")
 
 

@@ -25,32 +25,47 @@ def bench(shape: str = typer.Option("midsize", help="midsize (CLIP-L/336 + 16x20
           llm_layers: int = typer.Option(16, min=1, help="midsize: LLM layers"),
           hidden: int = typer.Option(2048, min=64, help="midsize: LLM hidden size (heads of 128 dims)"),
           out: str = typer.Option("", help="write rows as JSON here")) -> None:
-    """Benchmark a pruning method against the baseline measured first in the same process."""
+    """Benchmark a pruning method against the baseline measured first in the same process.
+
+    Every setting is checked before the model is built (a wrong one exits with 2 and one line naming the option)."""
     import torch
     from rich.console import Console
     from rich.table import Table
 
+    import vtoolkit as vt
     from vtoolkit.bench import midsize
     from vtoolkit.bench.run import run_bench
+    from vtoolkit.cli import print_table
+    from vtoolkit.config import ConfigError, parse_overrides
+    from vtoolkit.eval.validate import method_config, method_name
 
     if shape not in ("midsize", "tiny"):
-        raise typer.BadParameter(f"--shape must be midsize or tiny, got {shape!r}")
+        raise ConfigError(f"--shape must be midsize or tiny, got {shape!r}")
     try:
         ratios = [float(x) for x in keep_ratios.split(",") if x.strip()]
     except ValueError:
-        raise typer.BadParameter(f"--keep-ratios must be comma-separated numbers, got {keep_ratios!r}") from None
-    import vtoolkit as vt
-    from vtoolkit.config import parse_overrides
-
-    fixed = parse_overrides(sets)
+        raise ConfigError(f"--keep-ratios must be comma-separated numbers, got {keep_ratios!r}") from None
     try:
-        cfg_cls = vt.get_config_class(method)
-        cfg_cls.check_keys(fixed)
-    except (KeyError, TypeError) as e:
-        raise typer.BadParameter(str(e).strip('"')) from None
+        method = method_name(method)
+    except ConfigError as e:
+        raise ConfigError(f"--method: {e}") from None
+    try:
+        fixed = parse_overrides(sets)
+    except ConfigError as e:
+        raise ConfigError(f"--set {e}") from None
+    try:
+        method_config(method, fixed)
+    except ConfigError as e:
+        raise ConfigError(f"--set: {e}") from None
+    cfg_cls = vt.get_config_class(method)
     if ratios and "keep_ratio" not in cfg_cls.field_names():
-        raise typer.BadParameter(f"{method!r} has no keep_ratio option; pass --keep-ratios '' and set its options "
-                                 f"with --set (options: {', '.join(cfg_cls.field_names())})")
+        raise ConfigError(f"--keep-ratios: {method!r} has no keep_ratio option; pass --keep-ratios '' and set its "
+                          f"options with --set (options: {', '.join(cfg_cls.field_names())})")
+    for r in ratios:
+        try:
+            method_config(method, {**fixed, "keep_ratio": r})
+        except ConfigError as e:
+            raise ConfigError(f"--keep-ratios {r}: {e}") from None
     settings = [(method, {**fixed, "keep_ratio": r}) for r in ratios] or [(method, fixed)]
     console = Console()
     torch.manual_seed(0)
@@ -83,14 +98,14 @@ def bench(shape: str = typer.Option("midsize", help="midsize (CLIP-L/336 + 16x20
                       _fmt(r["analytic_decode_ratio"], ".3f"), _fmt(r["generate_s"], ".3f"),
                       _fmt(r["generate_ratio_paired"], ".3f"), _fmt(r["peak_mem_bytes"] / 1e9, ".2f"),
                       _fmt(r["peak_mem_delta_bytes"] / 1e9, ".2f"))
-    console.print(table)
+    print_table(table)
     loads = [r["load_per_core"] for r in rows if r["load_per_core"] is not None]
     if loads and max(loads) > 1.5:
-        console.print(f"[yellow]warning: machine load reached {max(loads):.1f} per core during the run: other "
-                      f"processes competed for the CPU and the timings are noisy[/yellow]")
+        typer.echo(f"warning: machine load reached {max(loads):.1f} per core during the run: other processes "
+                   f"competed for the CPU and the timings are noisy", err=True)
     if any(r["decode_s_per_token"] <= 0 for r in rows):   # NaN (no decode measured) compares False
-        console.print("[yellow]warning: a non-positive decode time means noise exceeded the decode cost: raise "
-                      "--decode-tokens or --repeats[/yellow]")
+        typer.echo("warning: a non-positive decode time means noise exceeded the decode cost: raise --decode-tokens "
+                   "or --repeats", err=True)
     if out:
         with open(out, "w") as fh:
             json.dump(rows, fh, indent=2)

@@ -45,9 +45,13 @@ def _fail(msg: str) -> None:
     raise typer.Exit(code=2)
 
 
-def _err_text(e: BaseException) -> str:
-    # KeyError wraps its message in quotes
-    return e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+def _err_text(e: BaseException, flags: dict[str, str]) -> str:
+    """The error's message (KeyError's quotes dropped) with the scorer's keyword hints written as this command's
+    options (``zero_division='zero'`` -> ``--zero-division zero``)."""
+    from vtoolkit.eval.scorers._io import with_flags
+
+    text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+    return with_flags(text, flags)
 
 
 def _zd(z: ZeroDivision) -> str | None:
@@ -68,12 +72,9 @@ def _table(title: str, columns: list[str]):
 
 
 def _print(table) -> None:
-    from rich.console import Console
+    from vtoolkit.cli import print_table
 
-    console = Console()
-    if not console.is_terminal:  # pipes / CI logs: do not squeeze the table into 80 columns
-        console = Console(width=160)
-    console.print(table)
+    print_table(table)
 
 
 def _pct(v) -> str:
@@ -103,7 +104,7 @@ def pope_cmd(
         rep = score_pope_files(answers, questions, rule.value, answer_key=answer_key, align=align,
                                zero_division=_zd(zero_division))
     except (ValueError, KeyError, FileNotFoundError, ZeroDivisionError, TypeError) as e:
-        _fail(_err_text(e))
+        _fail(_err_text(e, {"zero_division": "--zero-division {}", "align": "--align {}"}))
     if as_json:
         _print_json(rep.to_dict())
         return
@@ -160,7 +161,7 @@ def chair_cmd(
     except ChairResourceError as e:
         _fail(str(e))
     except (ValueError, KeyError, FileNotFoundError, ZeroDivisionError, TypeError) as e:
-        _fail(_err_text(e))
+        _fail(_err_text(e, {"zero_division": "--zero-division {}", "unknown_image": "--unknown-image {}"}))
     if save is not None:
         save.write_text(json.dumps(res.to_dict(with_captions=True), indent=1, ensure_ascii=False))
     if as_json:
@@ -190,7 +191,7 @@ def mme_cmd(
     try:
         res = score_mme_dir(results_dir, rule.value, strict=strict)
     except (ValueError, KeyError, FileNotFoundError) as e:
-        _fail(_err_text(e))
+        _fail(_err_text(e, {"strict": "--strict"}))
     if as_json:
         _print_json(res.to_dict())
         return

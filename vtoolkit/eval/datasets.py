@@ -32,18 +32,24 @@ MME   ``folder``: the official ``MME_Benchmark_release_version`` (split subtasks
 CHAIR ``coco``: a COCO val2014 image folder (``path`` itself or ``path/val2014``) and, for scoring, the annotation
       folder (``annotations=``, default ``path/annotations``) or a prebuilt per-image GT file (``gt=``). A seeded
       subset of ``protocol.n_images`` images is drawn from the *sorted* file list.
+
+``limit`` (:meth:`Dataset.limit`, ``--limit N``) keeps N samples: for POPE N spread evenly over the splits (the first
+records of each split, so the headline "mean over splits" still averages every split), for MME and CHAIR the first N.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
 import random
 import re
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from vtoolkit.config import ConfigError
 
 PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark", "artwork",
               "OCR")
@@ -64,27 +70,44 @@ class DataSpec:
     images: str | None = None        # POPE json: image folder; CHAIR: val2014 folder
     annotations: str | None = None   # CHAIR: COCO annotations folder (instances_/captions_val2014.json)
     gt: str | None = None            # CHAIR: prebuilt {image_id: [objects]} json(.gz)
-    extra: dict = field(default_factory=dict)
+
+    KEYS = ("path", "layout", "images", "annotations", "gt")
+    LAYOUTS = {"pope": ("auto", "json", "parquet"), "mme": ("auto", "folder", "parquet"), "chair": ("auto", "coco")}
 
     @classmethod
     def from_any(cls, bench: str, value: Any) -> DataSpec:
+        """A spec from a path or a mapping with :attr:`KEYS`; anything else (an unknown key, a misspelt layout)
+        raises :class:`~vtoolkit.config.ConfigError` naming it."""
         if isinstance(value, DataSpec):
             return value
         if isinstance(value, (str, os.PathLike)):
             return cls(bench=bench, path=str(value))
         if isinstance(value, Mapping):
-            v = dict(value)
-            if "path" not in v:
-                raise ValueError(f"data for {bench!r} needs a 'path'")
-            known = {"path", "layout", "images", "annotations", "gt"}
-            extra = {k: v.pop(k) for k in list(v) if k not in known}
-            return cls(bench=bench, extra=extra, **{k: (str(x) if x is not None and k != "layout" else x)
-                                                     for k, x in v.items()})
-        raise TypeError(f"data for {bench!r} must be a path or a mapping, got {type(value).__name__}")
+            v = {k: x for k, x in value.items() if k != "bench"}   # to_dict() writes it
+            unknown = [k for k in v if k not in cls.KEYS]
+            if unknown:
+                import difflib
+
+                hint = "".join(f" Did you mean {m[0]!r} for {k!r}?" for k in unknown
+                               if (m := difflib.get_close_matches(str(k), cls.KEYS, n=1)))
+                raise ConfigError(f"data for {bench!r}: unknown key(s) {unknown}.{hint} Valid: {', '.join(cls.KEYS)}")
+            if not v.get("path"):
+                raise ConfigError(f"data for {bench!r} needs a 'path'")
+            layout = v.pop("layout", None) or "auto"
+            if layout not in cls.LAYOUTS.get(bench, ("auto",)):
+                raise ConfigError(f"data for {bench!r}: layout must be one of {', '.join(cls.LAYOUTS[bench])}, "
+                                  f"got {layout!r}")
+            return cls(bench=bench, layout=layout, **{k: (str(x) if x is not None else x) for k, x in v.items()})
+        raise ConfigError(f"data for {bench!r} must be a path or a mapping, got {type(value).__name__}")
+
+    def missing_paths(self) -> list[str]:
+        """``key: path`` for each path of the spec that does not exist."""
+        return [f"{k}: {p}" for k in ("path", "images", "annotations", "gt")
+                if (p := getattr(self, k)) is not None and not os.path.exists(p)]
 
     def to_dict(self) -> dict:
         return {"bench": self.bench, "path": self.path, "layout": self.layout, "images": self.images,
-                "annotations": self.annotations, "gt": self.gt, **({"extra": self.extra} if self.extra else {})}
+                "annotations": self.annotations, "gt": self.gt}
 
 
 class Dataset:
@@ -108,13 +131,45 @@ class Dataset:
         return iter(self.records)
 
     def limit(self, n: int | None) -> Dataset:
-        if n is None or n >= len(self.records):
+        """The first ``n`` samples (None: all); for POPE ``n`` spread evenly over the splits (see the module
+        docstring). ``n`` must be a positive integer."""
+        if n is None:
             return self
-        info = {**self.info, "limit": n, "n_before_limit": len(self.records)}
-        return Dataset(self.bench, [dict(r) for r in self.records[:n]], self.layout, info)
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ConfigError(f"limit must be a positive number of samples, got {n!r}")
+        if n >= len(self.records):
+            return self
+        if self.bench == "pope":
+            keep = _spread_over_splits(self.records, n)
+            rule = "the first records of each split, n spread evenly over the splits"
+        else:
+            keep = set(range(n))
+            rule = "the first n records"
+        info = {**self.info, "limit": n, "limit_rule": rule, "n_before_limit": len(self.records)}
+        return Dataset(self.bench, [dict(r) for i, r in enumerate(self.records) if i in keep], self.layout, info)
+
+    def fingerprint(self) -> str:
+        """A short hash of what the samples are (ids, questions, labels, images, row errors), in order: two runs
+        with the same fingerprint asked the same questions."""
+        keys = ("id", "split", "question", "label", "image", "image_id", "error")
+        text = json.dumps([[r.get(k) for k in keys] for r in self.records], default=str)
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
     def n_errors(self) -> int:
         return sum(r.get("error") is not None for r in self.records)
+
+
+def _spread_over_splits(records: list[dict], n: int) -> set[int]:
+    """Indices of ``n`` (< len(records)) records: the first records of each split, the count shared as evenly as the
+    splits' sizes allow (splits in order of first appearance; earlier splits take the remainder)."""
+    by_split: dict[Any, list[int]] = {}
+    for i, r in enumerate(records):
+        by_split.setdefault(r.get("split"), []).append(i)
+    quota = dict.fromkeys(by_split, 0)
+    for _ in range(n):   # one at a time to the open split holding the fewest so far
+        s = min((s for s in by_split if quota[s] < len(by_split[s])), key=quota.__getitem__)
+        quota[s] += 1
+    return {i for s, idx in by_split.items() for i in idx[:quota[s]]}
 
 
 def public_record(r: Mapping) -> dict:
@@ -229,7 +284,7 @@ def _detect_layout(bench: str, path: Path) -> str:
             return "parquet"
         if bench == "pope":
             return "json"
-        raise ValueError(f"{bench}: expected a folder, got the file {path}")
+        raise ConfigError(f"{bench}: expected a folder, got the file {path}")
     if _parquet_files(path):
         return "parquet"
     return {"pope": "json", "mme": "folder", "chair": "coco"}[bench]
@@ -450,5 +505,5 @@ def load_dataset(bench: str, spec: Any, protocol=None) -> Dataset:
             seed = protocol.seed if protocol is not None else 0
             return _chair_coco(spec, n, seed)
     else:
-        raise ValueError(f"unknown benchmark {bench!r}; choose pope, mme or chair")
-    raise ValueError(f"{bench}: unknown layout {layout!r}")
+        raise ConfigError(f"unknown benchmark {bench!r}; choose pope, mme or chair")
+    raise ConfigError(f"{bench}: unknown layout {layout!r}")

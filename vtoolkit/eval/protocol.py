@@ -12,8 +12,14 @@ Defaults follow the protocols papers use (``shared/docs/benchmarks.md``):
   *sorted* file list (OPERA shuffles ``os.listdir``, which is not reproducible across machines); greedy,
   ``max_new_tokens=512`` (OPERA's script; the short-caption setting uses 64); ``wordnet`` (OPERA) tokenizer profile.
 
-Every field can be overridden (``--set pope.max_new_tokens=10``), and the resolved protocol is written to each
-run's ``config.json``.
+Scoring follows ``vtoolkit score`` exactly, defaults included: ``zero_division=None`` behaves like the rule's
+original script, so a metric with a zero denominator (POPE precision when no answer is "yes", CHAIRi when no caption
+mentions an object) leaves the benchmark *not scored*, with the reason, instead of reporting 0;
+``--set pope.zero_division=zero`` (``--zero-division zero`` for ``vtoolkit score``) reports 0 instead.
+
+Every field can be overridden (``--set pope.max_new_tokens=10``; names, types and ranges are checked), and the
+resolved protocol is written to each run's ``config.json``. :data:`SCORING_FIELDS` only change how predictions are
+scored, so a finished run can be re-scored with other values (``--resume``).
 """
 from __future__ import annotations
 
@@ -22,10 +28,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from vtoolkit.config import ConfigError, check_field_types
+
 BENCHMARKS = ("pope", "mme", "chair")
 
 LLAVA_SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
 MME_SUFFIX = " Please answer yes or no."
+SCORING_FIELDS = ("scorer_rule", "zero_division", "source")
+RULES = {"pope": ("official", "opera", "vcd", "lmms_eval", "vlmevalkit"),
+         "mme": ("official", "lmms_eval", "vlmevalkit"),
+         "chair": ("wordnet", "pattern", "opera", "original")}
 
 
 @dataclass(frozen=True)
@@ -42,7 +54,7 @@ class Protocol:
     num_beams: int = 1
     temperature: float | None = None
     scorer_rule: str = "official"
-    zero_division: str | None = "zero"  # report 0 with a note rather than crash a long run on a degenerate split
+    zero_division: str | None = None    # None: as the rule's original script (may leave the bench not scored); zero
     n_images: int | None = None         # CHAIR subset size (None: all)
     seed: int = 0                       # CHAIR subset seed
     source: str = ""                    # where the defaults come from (documentation, recorded with the run)
@@ -67,6 +79,24 @@ class Protocol:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def check(self) -> None:
+        """ConfigError listing every field whose value is out of range for this benchmark."""
+        bad = []
+        if self.max_new_tokens < 1:
+            bad.append(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.num_beams < 1:
+            bad.append(f"num_beams must be >= 1, got {self.num_beams}")
+        if self.temperature is not None and self.temperature <= 0:
+            bad.append(f"temperature must be > 0 (or null), got {self.temperature}")
+        if self.n_images is not None and self.n_images < 1:
+            bad.append(f"n_images must be >= 1 (or null for all), got {self.n_images}")
+        if self.zero_division not in (None, "raise", "zero"):
+            bad.append(f"zero_division must be null, raise or zero, got {self.zero_division!r}")
+        if self.bench in RULES and self.scorer_rule not in RULES[self.bench]:
+            bad.append(f"scorer_rule must be one of {', '.join(RULES[self.bench])}, got {self.scorer_rule!r}")
+        if bad:
+            raise ConfigError([f"{self.bench} protocol: {b}" for b in bad])
+
 
 DEFAULTS: dict[str, Protocol] = {
     "pope": Protocol(bench="pope", post_prompt=LLAVA_SHORT_ANSWER, max_new_tokens=128, scorer_rule="official",
@@ -83,10 +113,13 @@ DEFAULTS: dict[str, Protocol] = {
 
 
 def resolve_protocol(bench: str, overrides: Mapping[str, Any] | None = None) -> Protocol:
-    """The default protocol of ``bench`` with ``overrides`` applied; unknown keys raise with the valid names."""
+    """The default protocol of ``bench`` with ``overrides`` applied; unknown names, wrong types and out-of-range
+    values raise :class:`~vtoolkit.config.ConfigError` naming the option (and the closest valid name)."""
     if bench not in DEFAULTS:
-        raise ValueError(f"unknown benchmark {bench!r}; choose from {', '.join(BENCHMARKS)}")
+        raise ConfigError(f"unknown benchmark {bench!r}; choose from {', '.join(BENCHMARKS)}")
     base = DEFAULTS[bench]
+    if not isinstance(overrides, (Mapping, type(None))):
+        raise ConfigError(f"{bench} protocol: expected option: value pairs, got {overrides!r}")
     overrides = dict(overrides or {})
     names = {f.name for f in dataclasses.fields(Protocol)} - {"bench"}
     bad = [k for k in overrides if k not in names]
@@ -95,5 +128,8 @@ def resolve_protocol(bench: str, overrides: Mapping[str, Any] | None = None) -> 
 
         hints = [difflib.get_close_matches(k, names, n=1) for k in bad]
         hint = "".join(f" Did you mean {h[0]!r} for {k!r}?" for k, h in zip(bad, hints) if h)
-        raise ValueError(f"unknown {bench} protocol option(s) {bad}.{hint} Valid: {', '.join(sorted(names))}")
-    return dataclasses.replace(base, **overrides)
+        raise ConfigError(f"unknown {bench} protocol option(s) {bad}.{hint} Valid: {', '.join(sorted(names))}")
+    overrides = check_field_types(Protocol, overrides, owner=f"{bench} protocol")
+    proto = dataclasses.replace(base, **overrides)
+    proto.check()
+    return proto

@@ -5,6 +5,11 @@ metrics, mean visual tokens kept per sample, mean latency per sample, errors. Th
 method ``none`` on the same model and benchmark (the first one found); ``delta`` = score - baseline score,
 ``rel_score`` = score / baseline, ``speedup`` = baseline latency / latency, ``token_ratio`` = kept / baseline kept.
 
+Those four are only computed when the run and its baseline are comparable: the same samples (count, limit and data
+fingerprint), generation settings, scoring settings, batch size and dtype. Otherwise they stay empty and the report
+warns, naming what differs; a benchmark without a baseline run is said so too (``warnings`` of
+:func:`write_report`, also at the top of ``report.md``).
+
 Plots (matplotlib, Agg backend), one pair per benchmark: score vs visual tokens kept, score vs latency.
 A folder without ``metrics.json`` whose sub-folders have one (a sweep folder) is expanded.
 """
@@ -39,7 +44,7 @@ def collect_runs(paths: Iterable[str | Path]) -> list[Path]:
                 raise FileNotFoundError(f"{p}: no metrics.json here or in its sub-folders (did the run finish?)")
             out.extend(subs)
         else:
-            raise FileNotFoundError(f"{p}: not a run folder")
+            raise FileNotFoundError(f"{p}: no such run folder")
     seen, uniq = set(), []
     for p in out:
         if p.resolve() not in seen:
@@ -60,13 +65,53 @@ def _fmt_opts(opts: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in sorted((opts or {}).items()) if v is not None) or "-"
 
 
+_SCORING = ("scorer_rule", "zero_division")
+
+
+def _read_json(path: Path) -> dict:
+    from vtoolkit.config import ConfigError
+
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    return d
+
+
+def _settings(rd: Path, m: dict, bench: str, b: dict) -> dict:
+    """What must match between a run and its baseline for a delta to mean something (None: not recorded)."""
+    conf = _read_json(rd / "config.json") if (rd / "config.json").is_file() else {}
+    proto = b.get("protocol") or (conf.get("protocols") or {}).get(bench)
+    return {"samples": b.get("n"), "limit": m.get("limit", conf.get("limit")),
+            "data": b.get("data_fingerprint") or (conf.get("data_fingerprint") or {}).get(bench),
+            "generation": {k: v for k, v in proto.items() if k not in _SCORING + ("source",)} if proto else None,
+            "scoring": {k: proto.get(k) for k in _SCORING} if proto else None,
+            "batch_size": m.get("batch_size", conf.get("batch_size")), "dtype": m.get("dtype", conf.get("dtype"))}
+
+
+def _differences(a: dict, b: dict) -> list[str]:
+    out = []
+    for k in a:
+        if a[k] != b[k]:
+            if isinstance(a[k], dict) and isinstance(b[k], dict):
+                keys = [x for x in dict.fromkeys([*a[k], *b[k]]) if a[k].get(x) != b[k].get(x)]
+                out.append(f"{k} ({', '.join(f'{x} {a[k].get(x)!r} vs {b[k].get(x)!r}' for x in keys)})")
+            else:
+                out.append(f"{k} ({'not recorded' if a[k] is None else repr(a[k])} vs "
+                           f"{'not recorded' if b[k] is None else repr(b[k])})")
+    return out
+
+
 def build_table(run_dirs: Sequence[str | Path]):
-    """A pandas DataFrame with one row per (run, benchmark), deltas to the baseline included."""
+    """A pandas DataFrame with one row per (run, benchmark), deltas to a comparable baseline included; the
+    comparability and missing-baseline warnings are in ``df.attrs["warnings"]``."""
     import pandas as pd
 
-    rows = []
+    rows, settings = [], []
     for rd in collect_runs(run_dirs):
-        m = json.loads((Path(rd) / "metrics.json").read_text())
+        m = _read_json(Path(rd) / "metrics.json")
         for bench, b in m.get("benchmarks", {}).items():
             row = {"run": Path(rd).name, "model": m.get("model"), "method": m.get("method", "none"),
                    "options": _fmt_opts(m.get("method_options")), "bench": bench, "metric": b.get("headline_name"),
@@ -77,17 +122,26 @@ def build_table(run_dirs: Sequence[str | Path]):
             for name, path in _SECONDARY.get(bench, []):
                 row[f"{bench}.{name}"] = _get(b, path)
             rows.append(row)
+            settings.append(_settings(Path(rd), m, bench, b))
     df = pd.DataFrame(rows)
+    df.attrs["warnings"] = warnings = []
     if df.empty:
         return df
     for col in ("baseline_score", "delta", "rel_score", "speedup", "token_ratio"):
         df[col] = None
-    for _key, grp in df.groupby(["model", "bench"], sort=False):
+    for (model, bench), grp in df.groupby(["model", "bench"], sort=False):
         base = grp[grp["method"] == "none"]
         if base.empty:
+            warnings.append(f"{bench} on {model}: no baseline run (method none) among the runs given, so no delta, "
+                            f"rel_score, speedup or token_ratio")
             continue
         b = base.iloc[0]
         for i in grp.index:
+            diff = _differences(settings[i], settings[base.index[0]])
+            if diff:
+                warnings.append(f"{df.at[i, 'run']} ({bench}) is not comparable with the baseline {b['run']}: "
+                                f"{'; '.join(diff)}; no delta or speedup computed")
+                continue
             s, bs = df.at[i, "score"], b["score"]
             if _num(s) and _num(bs):
                 df.at[i, "baseline_score"] = bs
@@ -108,7 +162,7 @@ def _md_cell(v) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return ""
     if isinstance(v, float):
-        return f"{v:+.4f}" if False else f"{v:.4g}"
+        return f"{v:.4g}"
     return str(v).replace("|", "\\|")
 
 
@@ -160,18 +214,25 @@ def _plot(df, bench: str, x: str, xlabel: str, path: Path) -> None:
 
 
 def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> dict:
-    """Write ``report.md``, ``report.csv`` and ``<bench>_score_vs_{tokens,latency}.png`` into ``out_dir``."""
+    """Write ``report.md``, ``report.csv`` and ``<bench>_score_vs_{tokens,latency}.png`` into ``out_dir``; returns
+    their paths, the table and the ``warnings`` (runs not comparable with their baseline, missing baselines)."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     df = build_table(run_dirs)
     if df.empty:
-        raise ValueError("no benchmark results found in the given runs")
+        from vtoolkit.config import ConfigError
+
+        raise ConfigError("no benchmark results found in the given runs (their metrics.json list no benchmarks)")
+    out.mkdir(parents=True, exist_ok=True)
     csv_path = out / "report.csv"
     df.to_csv(csv_path, index=False)
+    warnings = df.attrs["warnings"]
     parts = ["# vtoolkit report\n", f"Runs: {', '.join(sorted(set(df['run'])))}\n",
-             "Baseline = method `none` on the same model and benchmark. `delta` = score - baseline; "
-             "`speedup` = baseline latency / latency (per sample, same batch settings); "
+             "Baseline = method `none` on the same model and benchmark, with the same samples, generation and "
+             "scoring settings, batch size and dtype. `delta` = score - baseline; "
+             "`speedup` = baseline latency / latency (per sample); "
              "`visual_tokens` = mean visual tokens per sample reaching the LLM.\n"]
+    if warnings:
+        parts.append("\n**Warnings**\n\n" + "".join(f"- {w}\n" for w in warnings))
     plots = []
     for bench in dict.fromkeys(df["bench"]):
         sub = df[df["bench"] == bench]
@@ -191,4 +252,4 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> dict:
             parts.append(f"\n![{bench} score vs {tag}]({p.name})\n")
     md_path = out / "report.md"
     md_path.write_text("".join(parts), encoding="utf-8")
-    return {"markdown": md_path, "csv": csv_path, "plots": plots, "table": df}
+    return {"markdown": md_path, "csv": csv_path, "plots": plots, "table": df, "warnings": warnings}

@@ -2,11 +2,12 @@
 
 Run folder (``RUN_DIR``)::
 
-    config.json            the resolved config: model, method + every option (defaults included), protocols, data,
-                           batch size, limit, world size
+    config.json            the resolved config: model, method + every option (defaults included), protocols, data
+                           (+ a fingerprint of the samples), batch size, limit, dtype, seed, versions, world size
     env.json               python / torch / transformers / vtoolkit versions, git hash (+ dirty flag), host, device
     predictions/<bench>.jsonl   one JSON object per sample, in dataset order once the run is complete
-    metrics.json           scores per benchmark + a summary (visual tokens kept, latency, errors)
+    metrics.json           scores per benchmark (``status`` scored / not_scored, ``score_error`` says why) + a
+                           summary (visual tokens kept, latency, errors) and the settings a report compares
     mme_results/<task>.txt      MME answers in the official eval-tool format (image, question, GT, response)
     chair_captions.jsonl        CHAIR captions in the OPERA / Maxlinn format ({"image_id", "caption"})
 
@@ -17,18 +18,25 @@ Nothing is lost:
   exactly the rows of an uninterrupted one (no duplicate, no gap), rewritten in dataset order at the end;
 - a bad row (missing field, unreadable image, a sample whose generation raises) gets a row with ``error`` set and
   ``prediction: null``; scores are computed over the valid rows and ``metrics.json`` says how many were left out;
-- ``resume`` refuses to mix runs: the saved config must match (model, method options, protocols, data, limit).
+  ``retry_errors=True`` (``--retry-errors``) runs them again on resume;
+- a run folder holding results is never written over by accident: a new run refuses it (``--resume`` continues
+  it, ``--overwrite`` deletes its results first), and ``resume`` refuses to mix runs: every setting that changes
+  predictions must match (model, method config, data and their fingerprint, limit, generation settings, batch
+  size, dtype, seed, attention implementation, torch / transformers / vtoolkit versions), the differing ones are
+  listed. Scoring settings (rule, zero division) may change: a finished run is then re-scored.
 
 Data parallel: with ``WORLD_SIZE`` > 1 (``accelerate launch``, ``torchrun``, or the env vars by hand) rank r takes the
 samples ``i % world == r`` and streams to ``predictions/<bench>.rank<r>.jsonl``; rank 0 waits until every sample id
-is present in some file, merges them into ``predictions/<bench>.jsonl`` in dataset order, and scores.
+is present in some file, merges them into ``predictions/<bench>.jsonl`` in dataset order, and scores. Ranks are
+launched together: a shard file another rank wrote after this process started belongs to this run, older ones to an
+earlier run.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -36,8 +44,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from vtoolkit.config import ConfigError
 from vtoolkit.eval.datasets import Dataset, load_dataset, open_image, public_record
-from vtoolkit.eval.protocol import BENCHMARKS, Protocol, resolve_protocol
+from vtoolkit.eval.protocol import BENCHMARKS, SCORING_FIELDS, Protocol, resolve_protocol
 
 __all__ = [
     "EvalConfig",
@@ -47,8 +56,12 @@ __all__ = [
     "evaluate",
     "load_model",
     "read_predictions",
+    "resolve_config",
     "run_benchmark",
+    "run_problems",
     "score_benchmark",
+    "setting_diffs",
+    "versions",
 ]
 
 
@@ -269,12 +282,14 @@ def _generate(model, processor, adapter, handle, images, questions, gen_kwargs) 
 
 
 def run_benchmark(model, processor, handle, dataset: Dataset, protocol: Protocol, out_dir: str | Path, *,
-                  batch_size: int = 1, resume: bool = False, rank: int = 0, world_size: int = 1,
+                  batch_size: int = 1, resume: bool = False, retry_errors: bool = False, rank: int = 0,
+                  world_size: int = 1,
                   progress: bool = True, fail_after_batches: int | None = None,
                   merge_timeout: float = 6 * 3600, on_batch: Callable | None = None,
                   warmup: bool = True) -> list[dict] | None:
     """Generate predictions for ``dataset`` (this rank's shard) into ``out_dir/predictions``; on rank 0 return the
-    merged rows in dataset order once every rank is done (other ranks return None)."""
+    merged rows in dataset order once every rank is done (other ranks return None). With ``resume`` the samples
+    already there are skipped, except failed ones when ``retry_errors`` (their error rows are dropped first)."""
     from vtoolkit.models import get_adapter
 
     pred_dir = Path(out_dir) / "predictions"
@@ -283,11 +298,13 @@ def run_benchmark(model, processor, handle, dataset: Dataset, protocol: Protocol
     main_file = pred_dir / f"{bench}.jsonl"
     my_file = main_file if world_size == 1 else pred_dir / f"{bench}.rank{rank}.jsonl"
 
+    if resume and retry_errors:
+        _drop_error_rows(pred_dir, bench, rank, world_size)
     existing = _all_rows(pred_dir, bench, repair_file=my_file if resume else None)
     if not resume and (read_predictions(main_file) or read_predictions(my_file)):
         raise FileExistsError(f"{pred_dir} already holds {bench} predictions; pass resume=True (--resume) to continue "
                               f"that run, or choose a new output folder")
-    done = {r["id"] for r in existing}
+    done = {r["id"] for r in existing if not (retry_errors and r.get("error") is not None)}
     mine = [r for r in dataset.records if r["index"] % world_size == rank and r["id"] not in done]
 
     adapter = get_adapter(model)
@@ -382,14 +399,30 @@ def _all_rows(pred_dir: Path, bench: str, repair_file: Path | None = None) -> li
     return rows
 
 
+def _drop_error_rows(pred_dir: Path, bench: str, rank: int, world_size: int) -> None:
+    """Rewrite the prediction files this rank owns without their error rows (rank 0: the merged file and shards of
+    ranks not in this run; rank r > 0: its own shard)."""
+    files = [pred_dir / f"{bench}.jsonl"] if rank == 0 else []
+    for f in _shard_files(pred_dir, bench):
+        r = int(_SHARD.search(f.name).group(1))
+        if (r == rank) if rank else (r == 0 or r >= world_size):
+            files.append(f)
+    for f in files:
+        rows = read_predictions(f)
+        kept = [r for r in rows if r.get("error") is None]
+        if len(kept) < len(rows):
+            _write_jsonl_atomic(f, kept)
+
+
 def _merge(pred_dir: Path, bench: str, dataset: Dataset, world_size: int, timeout: float) -> list[dict]:
     want = {r["id"]: r["index"] for r in dataset.records}
     t0 = time.monotonic()
     while True:
         rows = _all_rows(pred_dir, bench)
         by_id: dict[str, dict] = {}
-        for r in rows:
-            if r["id"] in want and r["id"] not in by_id:
+        for r in rows:   # one row per sample; a successful row wins over an error row of the same sample
+            if r["id"] in want and (r["id"] not in by_id or (by_id[r["id"]].get("error") is not None
+                                                             and r.get("error") is None)):
                 by_id[r["id"]] = r
         if len(by_id) == len(want):
             break
@@ -424,38 +457,89 @@ def _summary(rows) -> dict:
             "latency_s": mean("latency_s"), "new_tokens": mean("new_tokens")}
 
 
+def _check_against_dataset(valid: Sequence[dict], dataset: Dataset) -> None:
+    """Every prediction row must be a sample of ``dataset`` asking the same question with the same label (a
+    predictions file written for other data, or data edited since, would otherwise be scored silently)."""
+    records = {r["id"]: r for r in dataset.records}
+    for row in valid:
+        rec = records.get(row["id"])
+        if rec is None:
+            raise ValueError(f"prediction {row['id']!r} is not a sample of the {dataset.bench} data: the predictions "
+                             f"were written for other data (rerun with --overwrite)")
+        for key in ("question", "label", "image_id"):
+            if row.get(key) != rec.get(key):
+                raise ValueError(f"prediction {row['id']!r} was made with {key} {row.get(key)!r} but the data now has "
+                                 f"{rec.get(key)!r}: the data changed since the predictions were written (rerun with "
+                                 f"--overwrite)")
+
+
 def score_benchmark(bench: str, rows: Sequence[dict], protocol: Protocol, dataset: Dataset | None = None,
                     out_dir: str | Path | None = None) -> dict:
-    """Scores of one benchmark from its prediction rows (errors left out and counted)."""
+    """Scores of one benchmark from its prediction rows (errors left out and counted).
+
+    With ``dataset`` every row is first checked against the sample it claims to answer, and POPE takes its labels
+    from the dataset, aligned with the answers by sample id. A benchmark that cannot be scored gets ``headline:
+    None``, ``status: "not_scored"`` and ``score_error`` (the reason, naming the ``--set`` option that changes it)."""
+    from vtoolkit.eval.scorers._io import with_flags
+
     res: dict[str, Any] = {"bench": bench, "rule": protocol.scorer_rule, **_summary(rows)}
     valid = _valid(rows)
     try:
         if not valid:
-            raise ValueError("no valid predictions to score")
+            raise ValueError(f"no valid predictions to score: all {len(rows)} rows failed" if rows else
+                             "no predictions to score")
+        if dataset is not None:
+            _check_against_dataset(valid, dataset)
         if bench == "pope":
-            res.update(_score_pope(valid, protocol))
+            res.update(_score_pope(valid, protocol, dataset))
         elif bench == "mme":
             res.update(_score_mme(valid, protocol, out_dir))
         elif bench == "chair":
             res.update(_score_chair(valid, protocol, dataset, out_dir))
+        res["status"] = "scored"
     except Exception as e:  # noqa: BLE001 - a scoring problem must not lose the predictions
-        res["score_error"] = f"{type(e).__name__}: {e}"
+        res["score_error"] = with_flags(f"{type(e).__name__}: {e}",
+                                        {"zero_division": f"--set {bench}.zero_division={{}}"})
         res["headline"] = None
+        res["status"] = "not_scored"
     return res
 
 
-def _score_pope(valid, protocol) -> dict:
+def run_problems(metrics: Mapping) -> tuple[list[str], list[str]]:
+    """``(errors, warnings)`` of a run's metrics: a benchmark that could not be scored (every row failed, or the
+    scorer refused) is an error, failed rows of a scored benchmark a warning; each line names the count and the first
+    row error."""
+    errors, warnings = [], []
+    for b, m in metrics.get("benchmarks", {}).items():
+        first = m["errors"][0] if m.get("errors") else None
+        rows = (f"{m['n_errors']} of {m['n']} rows failed (first: {first['id']}: {first['error']})"
+                if first else "")
+        if m.get("headline") is None:
+            errors.append(f"{b}: not scored: {m.get('score_error')}" + (f"; {rows}" if rows else ""))
+        elif rows:
+            warnings.append(f"{b}: {rows}; scored over the other {m['n_scored']}")
+    return errors, warnings
+
+
+def _score_pope(valid, protocol, dataset) -> dict:
     from vtoolkit.eval.scorers.pope import score_pope_splits
 
-    splits: dict[str, tuple] = {}
-    for r in valid:
-        s = splits.setdefault(str(r.get("split")), ([], [], [], []))
-        s[0].append(r["prediction"])
-        s[1].append(r["label"])
-        s[2].append(r["id"])
-        s[3].append(r["id"])
-    zd = protocol.zero_division
-    rep = score_pope_splits(splits, protocol.scorer_rule, zero_division=zd)
+    answers: dict[str, tuple[list, list]] = {}
+    for r in valid:   # the answers, in the order the predictions file holds them
+        a = answers.setdefault(str(r.get("split")), ([], []))
+        a[0].append(r["prediction"])
+        a[1].append(r["id"])
+    labels: dict[str, tuple[list, list]] = {}
+    ids = {r["id"] for r in valid}
+    for r in (dataset.records if dataset is not None else valid):   # the gold labels, in dataset order
+        if r["id"] in ids:
+            lab = labels.setdefault(str(r.get("split")), ([], []))
+            lab[0].append(r["label"])
+            lab[1].append(r["id"])
+    if set(answers) != set(labels):
+        raise ValueError(f"POPE splits of the predictions {sorted(answers)} differ from the data's {sorted(labels)}")
+    splits = {s: (answers[s][0], labels[s][0], answers[s][1], labels[s][1]) for s in labels}
+    rep = score_pope_splits(splits, protocol.scorer_rule, zero_division=protocol.zero_division)
     d = rep.to_dict()
     return {"splits": d["splits"], "average": d["average"], "headline": d["average"]["f1"],
             "headline_name": "POPE F1 (mean over splits)", "higher_is_better": True}
@@ -504,8 +588,8 @@ def _score_chair(valid, protocol, dataset, out_dir) -> dict:
     elif info.get("annotations"):
         gt = chair_mod.build_gt_from_coco(info["annotations"], variant=variant)
     else:
-        raise FileNotFoundError("CHAIR needs ground truth: give data.chair.annotations (COCO annotations folder) or "
-                                "data.chair.gt (a prebuilt {image_id: [objects]} json)")
+        raise FileNotFoundError("CHAIR needs ground truth: a COCO annotations folder (--set data.chair.annotations=DIR)"
+                                " or a prebuilt {image_id: [objects]} file (--set data.chair.gt=FILE)")
     res = chair_mod.score_chair(caps, gt, variant, zero_division=protocol.zero_division)
     ov = res.overall
     return {"variant": res.variant, "overall": ov, "headline": ov["CHAIRs"],
@@ -517,56 +601,228 @@ class EvalConfig(dict):
     """The resolved run config (a dict, JSON-serialised to ``config.json``)."""
 
 
-_COMPARE_KEYS = ("model", "method", "method_options", "protocols", "data", "limit", "benchmarks")
+# settings that change predictions: a resumed run must have the same (protocols without SCORING_FIELDS)
+_PREDICTION_KEYS = ("model", "method", "method_config", "benchmarks", "data", "data_fingerprint", "limit",
+                    "batch_size", "dtype", "seed", "attn_implementation", "protocols", "versions")
+# how resolve_config / evaluate name each setting in their errors; the CLI passes its option names instead
+_NAMES = {"model": "model", "method": "method", "method_options": "method_options", "benchmarks": "benchmarks",
+          "data": "data", "protocol": "protocol_overrides", "limit": "limit", "batch_size": "batch_size",
+          "dtype": "dtype", "seed": "seed", "attn_implementation": "attn_implementation", "device_map": "device_map",
+          "out": "out", "resume": "resume=True", "overwrite": "overwrite=True"}
+_STARTED = time.time()   # ranks of one data-parallel run start together; see _earlier_results
+_ARTIFACTS = ("config.json", "env.json", "metrics.json", "chair_captions.jsonl", "predictions", "mme_results")
+_SHARD = re.compile(r"\.rank(\d+)\.jsonl$")
+
+
+def versions() -> dict:
+    """torch / transformers / vtoolkit versions: a resumed run must match them (they change predictions)."""
+    from importlib.metadata import version
+
+    import vtoolkit
+
+    return {"torch": version("torch"), "transformers": version("transformers"), "vtoolkit": vtoolkit.__version__}
 
 
 def resolve_config(*, model: str, method: str = "none", method_options: Mapping | None = None,
                    benchmarks: Sequence[str], data: Mapping[str, Any], protocol_overrides: Mapping | None = None,
                    limit: int | None = None, batch_size: int = 1, dtype: str = "auto", device_map: str | None = None,
-                   attn_implementation: str | None = None, seed: int = 0) -> EvalConfig:
+                   attn_implementation: str | None = None, seed: int = 0,
+                   names: Mapping[str, str] | None = None) -> EvalConfig:
+    """The run config, with everything checked that can be checked before a model is built: the model name, the
+    method and its options (names, types, ranges, supported model type), benchmarks, data paths, protocol overrides,
+    limit, batch size, dtype. All problems are raised together as one :class:`~vtoolkit.config.ConfigError`, each
+    naming the setting as ``names`` spells it (default: these keyword names; the CLI passes its option names)."""
     from vtoolkit.eval.datasets import DataSpec
+    from vtoolkit.eval.validate import (
+        Collector,
+        check_dtype,
+        check_method_model,
+        check_model,
+        method_config,
+        method_name,
+        positive_int,
+    )
 
-    benches = [b.strip() for b in benchmarks if b.strip()]
-    for b in benches:
+    n = {**_NAMES, **(names or {})}
+    c = Collector()
+    model_type = name = mconf = None
+    with c.check():
+        model_type = check_model(model, n["model"])
+    with c.check(f"{n['method']}: "):
+        name = method_name(method)
+    if name is not None:
+        with c.check(f"{n['method_options']}: "):
+            mconf = method_config(name, method_options)
+        with c.check(f"{n['method']}: "):
+            check_method_model(name, model_type)
+    benches = [str(b).strip() for b in ([benchmarks] if isinstance(benchmarks, str) else benchmarks or [])]
+    benches = [b for part in benches for b in part.split(",") if b.strip()]
+    if not benches:
+        c.problems.append(f"{n['benchmarks']}: no benchmark given; choose from {', '.join(BENCHMARKS)}")
+    for b in dict.fromkeys(benches):
         if b not in BENCHMARKS:
-            raise ValueError(f"unknown benchmark {b!r}; choose from {', '.join(BENCHMARKS)}")
+            c.problems.append(f"{n['benchmarks']}: unknown benchmark {b!r}; choose from {', '.join(BENCHMARKS)}")
+        elif benches.count(b) > 1:
+            c.problems.append(f"{n['benchmarks']}: {b!r} is listed twice")
+    data = data if isinstance(data, Mapping) else {}
+    specs = {}
+    for b in dict.fromkeys(x for x in benches if x in BENCHMARKS):
         if b not in data:
-            raise ValueError(f"no data given for {b!r}: pass --data {b}=PATH")
-    po = dict(protocol_overrides or {})
-    protocols = {b: resolve_protocol(b, po.get(b)).to_dict() for b in benches}
-    return EvalConfig(model=model, method=method, method_options=dict(method_options or {}), benchmarks=benches,
-                      data={b: DataSpec.from_any(b, data[b]).to_dict() for b in benches}, protocols=protocols,
+            c.problems.append(f"{n['data']}: no data given for {b!r} (its folder or file, e.g. {b}=/data/{b})")
+            continue
+        with c.check(f"{n['data']}: "):
+            specs[b] = DataSpec.from_any(b, data[b])
+            missing = specs[b].missing_paths()
+            if missing:
+                raise ConfigError([f"{b} {m}: no such file or folder" for m in missing])
+            if b == "chair" and not (specs[b].gt or specs[b].annotations
+                                     or (Path(specs[b].path) / "annotations").is_dir()):
+                raise ConfigError(f"chair: no ground truth for scoring: give a COCO annotations folder "
+                                  f"(annotations=DIR, default {Path(specs[b].path) / 'annotations'}) or gt=FILE")
+    po = protocol_overrides if isinstance(protocol_overrides, Mapping) else {}
+    protocols = {}
+    for b in dict.fromkeys([*po, *(x for x in benches if x in BENCHMARKS)]):
+        with c.check(f"{n['protocol']}: "):
+            p = resolve_protocol(b, po.get(b))
+            if b in benches:
+                protocols[b] = p.to_dict()
+    with c.check():
+        positive_int(limit, n["limit"], allow_none=True)
+    with c.check():
+        positive_int(batch_size, n["batch_size"])
+    with c.check():
+        check_dtype(dtype, n["dtype"])
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        c.problems.append(f"{n['seed']} must be an integer, got {seed!r}")
+    if attn_implementation is not None and not isinstance(attn_implementation, str):
+        c.problems.append(f"{n['attn_implementation']} must be a name such as sdpa or eager, got "
+                          f"{attn_implementation!r}")
+    c.raise_if_any()
+    return EvalConfig(model=model, method=name, method_options=dict(method_options or {}), method_config=mconf,
+                      benchmarks=benches, data={b: s.to_dict() for b, s in specs.items()}, protocols=protocols,
                       limit=limit, batch_size=batch_size, dtype=dtype, device_map=device_map,
-                      attn_implementation=attn_implementation, seed=seed)
+                      attn_implementation=attn_implementation, seed=seed, versions=versions())
 
 
-def _check_resume(out: Path, cfg: Mapping) -> None:
-    old_path = out / "config.json"
-    if not old_path.exists():
-        return
-    old = json.loads(old_path.read_text())
-    diffs = [k for k in _COMPARE_KEYS if json.dumps(old.get(k), sort_keys=True, default=str)
-             != json.dumps(cfg.get(k), sort_keys=True, default=str)]
-    if diffs:
-        raise ValueError(f"--resume: {out} was started with a different {', '.join(diffs)}; resuming would mix "
-                         f"results. Use a new output folder (or the same settings).")
+def _prediction_settings(cfg: Mapping) -> dict:
+    d = {k: cfg.get(k) for k in _PREDICTION_KEYS}
+    d["protocols"] = {b: {k: v for k, v in (p or {}).items() if k not in SCORING_FIELDS}
+                      for b, p in (cfg.get("protocols") or {}).items()}
+    return d
 
 
-def evaluate(cfg: Mapping, out: str | Path, *, resume: bool = False, model_and_processor=None, progress: bool = True,
-             fail_after_batches: int | None = None, merge_timeout: float = 6 * 3600) -> dict | None:
-    """Run ``cfg`` (see :func:`resolve_config`) into the run folder ``out``; returns metrics (rank 0) or None."""
-    import vtoolkit as vt
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, Mapping) or not d:
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
 
-    out = Path(out)
+
+def setting_diffs(old: Mapping, new: Mapping) -> list[str]:
+    """``key: old -> new`` for each setting that changes predictions and differs between two run configs."""
+    a, b = _flat(_prediction_settings(old)), _flat(_prediction_settings(new))
+
+    def show(v):
+        t = json.dumps(v, default=str)
+        return t if len(t) <= 60 else t[:57] + "..."
+
+    return [f"{k}: {show(a.get(k))} -> {show(b.get(k))}" for k in dict.fromkeys([*a, *b])
+            if json.dumps(a.get(k), sort_keys=True, default=str) != json.dumps(b.get(k), sort_keys=True, default=str)]
+
+
+def _earlier_results(out: Path, rank: int, world: int) -> list[Path]:
+    """Files of an earlier run in the run folder ``out``. With several ranks, files another rank of this run wrote
+    after this process started are this run's (ranks are launched together); a rank's own shard is always earlier."""
+    files: list[Path] = []
+    for name in _ARTIFACTS:
+        p = out / name
+        files += sorted(f for f in p.iterdir() if f.is_file()) if p.is_dir() else [p] if p.is_file() else []
+    if world == 1:
+        return files
+
+    def earlier(f: Path) -> bool:
+        m = _SHARD.search(f.name)
+        try:
+            return (m is not None and int(m.group(1)) == rank) or f.stat().st_mtime < _STARTED
+        except FileNotFoundError:   # removed meanwhile by rank 0 (--overwrite)
+            return False
+
+    return [f for f in files if earlier(f)]
+
+
+def _clear(files: Sequence[Path], rank: int, world: int) -> None:
+    """Delete earlier results: each rank > 0 its own shard, rank 0 everything else (stale shards of ranks that are
+    not in this run included)."""
+    for f in files:
+        m = _SHARD.search(f.name)
+        shard_rank = int(m.group(1)) if m else None
+        if (shard_rank == rank) if rank else (shard_rank is None or shard_rank == 0 or shard_rank >= world):
+            f.unlink(missing_ok=True)
+
+
+def _prepare_run_folder(out: Path, cfg: Mapping, rank: int, world: int, resume: bool, overwrite: bool,
+                        n: Mapping[str, str]) -> None:
+    """Refuse, clear or check the run folder before the model is built (see :func:`evaluate`)."""
+    earlier = _earlier_results(out, rank, world)
     out.mkdir(parents=True, exist_ok=True)
+    if not earlier:
+        return
+    if overwrite:
+        _clear(earlier, rank, world)
+        return
+    if not resume:
+        shown = ", ".join(str(f.relative_to(out)) for f in earlier[:3]) + (", ..." if len(earlier) > 3 else "")
+        raise ConfigError(f"{n['out']} {out} already holds results of an earlier run ({shown}): pass {n['resume']} "
+                          f"to continue it, {n['overwrite']} to delete them and start over, or choose another "
+                          f"{n['out']}")
+    old_path = out / "config.json"
+    try:
+        old = json.loads(old_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise ConfigError(f"{n['resume']}: {old_path} is missing or unreadable, so the earlier run's settings are "
+                          f"unknown; pass {n['overwrite']} to start over") from None
+    diffs = setting_diffs(old, cfg)
+    if diffs:
+        raise ConfigError([f"{n['resume']}: {out} was run with other settings that change predictions, resuming "
+                           f"would mix them; use the same settings, {n['overwrite']} to start over, or another "
+                           f"{n['out']}. Differing:"] + [f"  {d}" for d in diffs])
+
+
+def evaluate(cfg: Mapping, out: str | Path, *, resume: bool = False, overwrite: bool = False,
+             retry_errors: bool = False, model_and_processor=None, progress: bool = True,
+             fail_after_batches: int | None = None, merge_timeout: float = 6 * 3600,
+             names: Mapping[str, str] | None = None) -> dict | None:
+    """Run ``cfg`` (see :func:`resolve_config`) into the run folder ``out``; returns metrics (rank 0) or None.
+
+    Before the model is built: the method and data are checked and loaded, and the run folder is checked. A folder
+    holding results of an earlier run is refused unless ``resume`` (continue it: every setting that changes
+    predictions must match, see :func:`setting_diffs`) or ``overwrite`` (delete those results first).
+    ``retry_errors`` (with ``resume``) runs the rows that failed again. Errors name settings as ``names`` spells
+    them (see :func:`resolve_config`)."""
+    import vtoolkit as vt
+    from vtoolkit.eval.validate import method_config, method_name
+
+    n = {**_NAMES, **(names or {})}
+    if resume and overwrite:
+        raise ConfigError(f"{n['resume']} and {n['overwrite']} exclude each other: continue the earlier run, or "
+                          f"delete it and start over")
+    out = Path(out)
     dist = dist_info()
     rank, world = dist["rank"], dist["world_size"]
     cfg = dict(cfg)
     cfg["world_size"] = world
+    cfg["method"] = method_name(cfg.get("method") or "none")
+    cfg["method_config"] = method_config(cfg["method"], cfg.get("method_options"))
+    cfg["versions"] = versions()
 
     protocols = {b: resolve_protocol(b, {k: v for k, v in p.items() if k != "bench"})
                  for b, p in cfg["protocols"].items()}
     datasets = {b: load_dataset(b, cfg["data"][b], protocols[b]).limit(cfg.get("limit")) for b in cfg["benchmarks"]}
+    cfg["data_info"] = {b: _short_info(d.info) for b, d in datasets.items()}
+    cfg["data_fingerprint"] = {b: d.fingerprint() for b, d in datasets.items()}
+    _prepare_run_folder(out, cfg, rank, world, resume, overwrite, n)
 
     if model_and_processor is None:
         model, processor = load_model(cfg["model"], dtype=cfg.get("dtype", "auto"), device_map=cfg.get("device_map"),
@@ -574,43 +830,33 @@ def evaluate(cfg: Mapping, out: str | Path, *, resume: bool = False, model_and_p
     else:
         model, processor = model_and_processor
 
-    handle = vt.apply_method(model, cfg.get("method") or "none", **cfg.get("method_options", {}))
+    handle = vt.apply_method(model, cfg["method"], **cfg.get("method_options", {}))
     try:
-        cfg["method_config"] = _config_dict(handle)
-        cfg["data_info"] = {b: _short_info(d.info) for b, d in datasets.items()}
         if rank == 0:
-            if resume:
-                _check_resume(out, cfg)
-            elif any(read_predictions(out / "predictions" / f"{b}.jsonl") for b in cfg["benchmarks"]):
-                raise FileExistsError(f"{out} already holds predictions; pass --resume to continue it or choose "
-                                      f"a new --out")
             _write_json(out / "config.json", cfg)
             _write_json(out / "env.json", env_info())
         results = {}
         for b in cfg["benchmarks"]:
             rows = run_benchmark(model, processor, handle, datasets[b], protocols[b], out,
-                                 batch_size=int(cfg.get("batch_size", 1)), resume=resume, rank=rank,
-                                 world_size=world, progress=progress, fail_after_batches=fail_after_batches,
-                                 merge_timeout=merge_timeout, warmup=(b == cfg["benchmarks"][0]))
+                                 batch_size=int(cfg.get("batch_size", 1)), resume=resume,
+                                 retry_errors=retry_errors, rank=rank, world_size=world, progress=progress,
+                                 fail_after_batches=fail_after_batches, merge_timeout=merge_timeout,
+                                 warmup=(b == cfg["benchmarks"][0]))
             if rows is not None:
                 results[b] = rows
     finally:
         handle.remove()
     if rank != 0:
         return None
-    metrics = {"run": str(out), "model": cfg["model"], "method": cfg.get("method") or "none",
-               "method_options": cfg.get("method_options", {}), "benchmarks": {}}
+    metrics = {"run": str(out), "model": cfg["model"], "method": cfg["method"],
+               "method_options": cfg.get("method_options", {}), "batch_size": cfg.get("batch_size"),
+               "dtype": cfg.get("dtype"), "limit": cfg.get("limit"), "benchmarks": {}}
     for b, rows in results.items():
-        metrics["benchmarks"][b] = score_benchmark(b, rows, protocols[b], datasets[b], out)
+        metrics["benchmarks"][b] = {**score_benchmark(b, rows, protocols[b], datasets[b], out),
+                                    "protocol": protocols[b].to_dict(),
+                                    "data_fingerprint": cfg["data_fingerprint"][b]}
     _write_json(out / "metrics.json", metrics)
     return metrics
-
-
-def _config_dict(handle) -> Any:
-    c = handle.config
-    if isinstance(c, list):
-        return [x.to_dict() for x in c]
-    return c.to_dict() if hasattr(c, "to_dict") else str(c)
 
 
 def _short_info(info: Mapping) -> dict:
@@ -619,17 +865,3 @@ def _short_info(info: Mapping) -> dict:
     if isinstance(ids, list) and len(ids) > 2000:  # pragma: no cover - keep config.json readable
         d["image_ids"] = ids[:2000] + ["..."]
     return d
-
-
-@contextlib.contextmanager
-def _env(**kv):
-    old = {k: os.environ.get(k) for k in kv}
-    os.environ.update({k: str(v) for k, v in kv.items()})
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v

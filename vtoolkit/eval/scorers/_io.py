@@ -7,12 +7,24 @@ from __future__ import annotations
 import gzip
 import json
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 PathLike = str | Path
 
-__all__ = ["first_key", "read_json_any", "read_json_records", "vlmevalkit_yorn"]
+__all__ = ["first_key", "read_json_any", "read_json_records", "vlmevalkit_yorn", "with_flags"]
+
+
+def with_flags(message: str, flags: Mapping[str, str]) -> str:
+    """``message`` with the Python keyword hints the scorers give (``zero_division='zero'``, ``strict=True``)
+    rewritten as the command-line options that set them. ``flags`` maps a keyword to the option, with ``{}`` where
+    the value goes: ``{"zero_division": "--zero-division {}", "strict": "--strict"}``."""
+    if not flags:
+        return message
+    pattern = r"\b(" + "|".join(map(re.escape, flags)) + r")=(?:'([^']*)'|(True|False|None)\b)"
+    return re.sub(pattern, lambda m: flags[m.group(1)].format(m.group(2) if m.group(2) is not None else m.group(3)),
+                  message)
 
 
 def _read_text(path: PathLike) -> str:

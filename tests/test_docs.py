@@ -1,0 +1,130 @@
+"""The README, examples and configs say what the code does: the methods table equals the registry, the tiny model names
+and transformers range are the real ones, the demo data layout is what demo_data writes, the measured command is a
+valid `vtoolkit bench` call, nothing points outside the repository, the quickstart refuses unsupported combinations
+and the shipped sweeps pass the sweep checks."""
+import importlib.util
+import re
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import vtoolkit as vt
+from vtoolkit.cli import app
+
+REPO = Path(__file__).resolve().parents[1]
+README = (REPO / "README.md").read_text(encoding="utf-8")
+
+
+def section(title: str) -> str:
+    """The README text under the heading ``## title`` (up to the next ``## ``)."""
+    start = README.index(f"## {title}\n")
+    end = README.find("\n## ", start + 1)
+    return README[start:end if end > 0 else None]
+
+
+def test_methods_table_equals_the_registry():
+    from vtoolkit.registry import adapter_class_for, supported_model_types
+
+    block = README.split("<!-- methods:begin -->\n")[1].split("<!-- methods:end -->")[0]
+    res = CliRunner().invoke(app, ["list", "--markdown"])
+    assert res.exit_code == 0
+    assert block == res.output, f"README methods table is stale; replace it with `vtoolkit list --markdown`:\n" \
+                                f"{res.output}"
+    rows = {r.split("|")[1].strip(" `"): r.split("|")[4] for r in block.splitlines()[2:]}
+    assert sorted(rows) == sorted(r["name"] for r in vt.list_methods())
+    for r in vt.list_methods():
+        archs = r["architectures"]
+        want = {t for t in supported_model_types()
+                if "*" in archs or t in archs or adapter_class_for(t).family in archs}
+        assert set(re.findall(r"[a-z0-9_]+", rows[r["name"]].replace("any", ""))) == want, r["name"]
+
+
+def test_tiny_model_names_and_transformers_range():
+    from vtoolkit.compat import MAX_VERSION_EXCLUSIVE, MIN_VERSION
+    from vtoolkit.models.tiny import ARCHS
+
+    assert set(re.findall(r"tiny:([a-z0-9_]+)", README)) == set(ARCHS)
+    assert f"transformers >= {MIN_VERSION}, < {MAX_VERSION_EXCLUSIVE}" in README
+
+
+def test_demo_data_layout_is_what_demo_data_writes(tmp_path):
+    from vtoolkit.eval import demo_data as dd
+
+    data = tmp_path / "data"   # as examples/eval_sweep_demo.py writes them
+    dd.make_pope_json(data / "pope")
+    dd.make_mme_parquet(data / "MME")
+    dd.make_coco(data / "coco")
+    block = section("Tiny models and demo data (offline)").split("```text\n")[1].split("```")[0]
+    paths = [ln.split()[0] for ln in block.splitlines() if ln.strip() and not ln.startswith(" ")]
+    assert len(paths) == 7
+    for p in paths:
+        assert list(data.glob(p)), f"README lists {p} but demo_data does not write it"
+
+
+def test_measured_section_is_dated_and_runs_the_bench_command(monkeypatch):
+    from vtoolkit.bench import midsize
+
+    text = section("Measured")
+    assert "2026-11-22" in text and "issue" not in text.lower()
+    commands = re.findall(r"^vtoolkit bench .*$", text, flags=re.M)
+    assert len(commands) == 2
+
+    class Built(Exception):
+        pass
+
+    def build(**kwargs):
+        raise Built
+
+    monkeypatch.setattr(midsize, "build", build)
+    for cmd in commands:   # every option exists and every value passes the checks (exit 2 otherwise)
+        res = CliRunner().invoke(app, cmd.split()[1:])
+        assert res.exit_code == 1 and "error: Built" in res.output, (cmd, res.output)
+
+
+def test_nothing_points_outside_the_repository():
+    files = [REPO / "README.md", *sorted((REPO / "configs").rglob("*.yaml")), *sorted((REPO / "examples").glob("*.py"))]
+    for f in files:
+        text = f.read_text(encoding="utf-8")
+        assert "../shared" not in text and "/work/" not in text, f
+        for ref in re.findall(r"(?<![\w/])((?:configs|examples|vtoolkit|tests)/[\w/.-]+\.(?:py|yaml|md))", text):
+            assert (REPO / ref).exists(), f"{f.name} names {ref}, which is not in the repository"
+
+
+def _quickstart():
+    spec = importlib.util.spec_from_file_location("quickstart", REPO / "examples" / "quickstart.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_quickstart_refuses_an_unsupported_architecture_before_building(monkeypatch, capsys):
+    class Built(Exception):
+        pass
+
+    def build(arch, *a, **k):
+        raise Built(arch)
+
+    monkeypatch.setattr(vt.models.tiny, "build", build)
+    qs = _quickstart()
+    with pytest.raises(SystemExit) as info:
+        qs.main(["--arch", "qwen3_vl", "--method", "fastervlm"])
+    assert info.value.code == 2
+    assert ("method 'fastervlm' does not support 'qwen3_vl' models; it supports llava, llava_next, qwen2_5_vl, "
+            "qwen2_vl") in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        qs.main(["--method", "fastervlm", "--set", "keep_ratio=abc"])
+    assert "FasterVLMConfig option 'keep_ratio' must be a number or None" in capsys.readouterr().err
+    readme_args = re.search(r"python examples/quickstart.py (.*?)`", README).group(1).split()
+    with pytest.raises(Built):   # the README's combination passes the checks
+        qs.main(readme_args)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_sweeps_pass_the_sweep_checks(tmp_path, path):
+    from vtoolkit.eval import demo_data as dd
+    from vtoolkit.eval.sweep import check_sweep, load_sweep
+
+    pope = dd.make_pope_json(tmp_path / "pope", n_images=1)
+    spec = load_sweep(path, overrides={"model": "tiny:llava", "data": {"pope": str(pope)}})
+    assert check_sweep(spec, path)[0] == ("none", {}, {})
