@@ -6,6 +6,7 @@ import vtoolkit as vt
 from conftest import assert_same_continuation, sample_batch, tiny_model
 from vtoolkit.bench.flops import llm_layer_flops
 from vtoolkit.compat import cache_layer_kv, output_cache
+from vtoolkit.config import ConfigError
 from vtoolkit.methods.dyvte import DyVTEConfig, DyVTERouters, fingerprint, router_features
 from vtoolkit.models.tiny import demo_image
 
@@ -298,8 +299,10 @@ def test_dyvte_errors(tmp_path):
         vt.apply_method(model, "dyvte", exit_layer=4)
     with pytest.raises(ValueError, match="exit_layer=-5 is out of range"):
         vt.apply_method(model, "dyvte", exit_layer=-5)
-    with pytest.raises(ValueError, match="exit_layer must be an integer"):
+    with pytest.raises(ConfigError, match="'exit_layer' must be an integer or None, got float 1.5"):
         DyVTEConfig(exit_layer=1.5)
+    with pytest.raises(ConfigError, match="routers must be a path"):
+        DyVTEConfig(routers=3)
     with pytest.raises(ValueError, match="not both"):
         vt.apply_method(model, "dyvte", exit_layer=1, routers=always_keep(model))
     with pytest.raises(ValueError, match="needs routers=PATH .* or exit_layer=k"):

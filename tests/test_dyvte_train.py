@@ -13,6 +13,7 @@ import torch
 
 import vtoolkit as vt
 from conftest import sample_batch, tiny_model
+from vtoolkit.config import ConfigError
 from vtoolkit.methods.dyvte import DyVTERouters
 from vtoolkit.models.tiny import TinySpec, build, demo_image
 from vtoolkit.train import dyvte as T
@@ -178,7 +179,7 @@ def test_resume_from_a_checkpoint_equals_an_uninterrupted_run(tmp_path, monkeypa
         T.train(_cfg(data, img, tmp_path / "b", max_steps=4, save_every=2, warmup_ratio=0.25), model, proc)
     monkeypatch.setattr(T, "build_batch", real)
     assert [p.name for p in T._checkpoints(tmp_path / "b")] == ["step-00000002"]
-    with pytest.raises(FileExistsError, match="--resume"):
+    with pytest.raises(ConfigError, match="--resume"):
         T.train(_cfg(data, img, tmp_path / "b", max_steps=4, save_every=2), model, proc)
     resumed = T.train(_cfg(data, img, tmp_path / "b", max_steps=4, save_every=2, warmup_ratio=0.25, resume=True),
                       model, proc)

@@ -57,7 +57,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vtoolkit.config import MethodConfig
+from vtoolkit.config import ConfigError, MethodConfig
 from vtoolkit.hooks.attention import current_implementation
 from vtoolkit.hooks.midstack import MidStackPruner
 from vtoolkit.methods.base import Method
@@ -141,7 +141,7 @@ class DyVTERouters(nn.Module):
                 return
         elif {k: v for k, v in theirs.items()} == mine:
             return
-        raise ValueError(f"dyvte: {source} were trained for another architecture: routers fingerprint "
+        raise ConfigError(f"dyvte: {source} were trained for another architecture: routers fingerprint "
                          f"[{_fp_text(theirs)}], this model [{_fp_text(mine)}]. Train routers for this model with "
                          f"`vtoolkit train dyvte --model ...`, or use exit_layer=k (no router).")
 
@@ -173,7 +173,7 @@ class DyVTERouters(nn.Module):
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             if meta.get("format") != FORMAT:
-                raise ValueError(f"dyvte: {path} is not a DyVTE routers file (format {meta.get('format')!r}, "
+                raise ConfigError(f"dyvte: {path} is not a DyVTE routers file (format {meta.get('format')!r}, "
                                  f"expected {FORMAT!r}); write one with `vtoolkit train dyvte`")
             tensors = {k: f.get_tensor(k) for k in f.keys()}
         fp = json.loads(meta["fingerprint"]) if meta.get("fingerprint") not in (None, "null") else None
@@ -235,16 +235,12 @@ class DyVTEConfig(MethodConfig):
     routers: Any = None
     exit_layer: int | None = None
 
-    def validate(self) -> None:
+    def validate(self) -> None:      # exit_layer's type (an integer or None) is checked by MethodConfig
         if self.routers is not None and self.exit_layer is not None:
-            raise ValueError("dyvte: give routers (learned exits) or exit_layer (a fixed exit layer), not both")
-        k = self.exit_layer
-        if k is not None and (not isinstance(k, int) or isinstance(k, bool)):
-            raise ValueError(f"exit_layer must be an integer layer index (negative counts from the last layer, -1 = "
-                             f"the last = no change), got {k!r}")
+            raise ConfigError("dyvte: give routers (learned exits) or exit_layer (a fixed exit layer), not both")
         r = self.routers
         if r is not None and not isinstance(r, (str, os.PathLike, DyVTERouters)):
-            raise ValueError(f"routers must be a path to a routers .safetensors file / folder or a DyVTERouters "
+            raise ConfigError(f"routers must be a path to a routers .safetensors file / folder or a DyVTERouters "
                              f"object, got {type(r).__name__}")
 
     def to_dict(self) -> dict[str, Any]:
@@ -268,7 +264,7 @@ class DyVTE(Method):
         L = self.adapter.num_layers
         impl = current_implementation(self.adapter.text_config)
         if "flash" in impl or "flex" in impl:
-            raise ValueError(f"dyvte rewrites the causal masks of the layers after the exit, which needs 'sdpa' or "
+            raise ConfigError(f"dyvte rewrites the causal masks of the layers after the exit, which needs 'sdpa' or "
                              f"'eager' attention in the LLM; this model uses {impl!r}: model.set_attn_implementation"
                              f"({{'text_config': 'sdpa'}}) first")
         self.exit = None
@@ -276,7 +272,7 @@ class DyVTE(Method):
         k = self.config.exit_layer
         if k is not None:
             if not -L <= k < L:
-                raise ValueError(f"exit_layer={k} is out of range for this {L}-layer LLM: use 0..{L - 1} (removal "
+                raise ConfigError(f"exit_layer={k} is out of range for this {L}-layer LLM: use 0..{L - 1} (removal "
                                  f"from layer k+1 on) or -{L}..-1 (exit_layer=-1: the last layer, no change)")
             self.exit = k % L
             return
@@ -284,7 +280,7 @@ class DyVTE(Method):
         if r is None:
             found = shipped_routers(self.adapter)
             if found is None:
-                raise ValueError(f"dyvte needs routers=PATH (trained with `vtoolkit train dyvte`) or exit_layer=k: "
+                raise ConfigError(f"dyvte needs routers=PATH (trained with `vtoolkit train dyvte`) or exit_layer=k: "
                                  f"no routers ship with vtoolkit for this model [{_fp_text(fingerprint(self.adapter))}]")
             r = found
         if isinstance(r, DyVTERouters):

@@ -39,11 +39,7 @@ def dyvte(model: str = typer.Option(..., "--model", help="checkpoint path / hub 
                       batch_size=batch_size, epochs=epochs, max_steps=max_steps, lr=lr, warmup_ratio=warmup_ratio,
                       save_every=save_every, resume=resume, seed=seed, dtype=dtype, max_length=max_length,
                       agree=agree, nll_ratio=nll_ratio, progress=progress)
-    try:
-        result = train(cfg)
-    except (ValueError, FileExistsError, FileNotFoundError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+    result = train(cfg)     # a wrong setting or file: one `error:` line, exit 2 (vtoolkit/cli.py RootGroup)
     if result.main_process:
         typer.echo(f"trained {result.steps} steps; routers: {result.routers_path}")
 

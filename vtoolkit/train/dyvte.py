@@ -43,6 +43,7 @@ from typing import Any
 
 import torch
 
+from vtoolkit.config import ConfigError
 from vtoolkit.hooks.masks import causal_mask
 from vtoolkit.methods.dyvte import OFFICIAL_ROUTER_HIDDEN, DyVTERouters, router_features
 
@@ -72,11 +73,11 @@ class TrainConfig:
     def validate(self) -> None:
         for name in ("data", "images", "out"):
             if not getattr(self, name):
-                raise ValueError(f"--{name} is required")
+                raise ConfigError(f"--{name} is required")
         if self.batch_size < 1 or self.router_hidden < 1 or self.max_length < 2:
-            raise ValueError("batch_size, router_hidden must be >= 1 and max_length >= 2")
+            raise ConfigError("batch_size, router_hidden must be >= 1 and max_length >= 2")
         if self.max_steps <= 0 and self.epochs <= 0:
-            raise ValueError("give epochs > 0 or max_steps > 0")
+            raise ConfigError("give epochs > 0 or max_steps > 0")
 
 
 # ----------------------------------------------------------------------------------------------------- data
@@ -93,7 +94,7 @@ def load_conversations(path: str | os.PathLike, images: str | os.PathLike | None
     ``[{"id", "image", "conversations": [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", ...}]}]``."""
     rows = json.loads(Path(path).read_text(encoding="utf-8"))
     if not isinstance(rows, list):
-        raise ValueError(f"{path}: expected a JSON list of conversations, got {type(rows).__name__}")
+        raise ConfigError(f"{path}: expected a JSON list of conversations, got {type(rows).__name__}")
     samples, problems = [], []
     for i, r in enumerate(rows):
         rid = str(r.get("id", i)) if isinstance(r, dict) else str(i)
@@ -345,7 +346,7 @@ def train(cfg: TrainConfig, model=None, processor=None, routers: DyVTERouters | 
                       cpu=not torch.cuda.is_available())
     ckpts = _checkpoints(out)
     if ckpts and not cfg.resume:
-        raise FileExistsError(f"{out} already holds checkpoints ({ckpts[-1].name}): pass --resume to continue, or "
+        raise ConfigError(f"{out} already holds checkpoints ({ckpts[-1].name}): pass --resume to continue, or "
                               f"choose another --out")
     restore = None
     if model is None:
@@ -377,7 +378,7 @@ def _train(cfg, acc, out, ckpts, model, processor, routers) -> TrainResult:
     adapter = get_adapter(model)
     samples, problems = load_conversations(cfg.data, cfg.images)
     if not samples:
-        raise ValueError(f"{cfg.data}: no usable sample ({len(problems)} problem rows, e.g. "
+        raise ConfigError(f"{cfg.data}: no usable sample ({len(problems)} problem rows, e.g. "
                          f"{problems[:1]})")
     L = adapter.num_layers
     if routers is None:
