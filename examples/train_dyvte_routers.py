@@ -4,6 +4,8 @@ learns when the visual tokens may leave (official labelling rule: vtoolkit/train
 Offline, on the tiny random model, with generated data (the model's own greedy answers to questions on synthetic
 images; real data is better):
     python examples/train_dyvte_routers.py --model tiny:llava --out runs/dyvte_tiny
+The reference model (``ref:shapes``), on procedural scenes with true answers (``vtoolkit.data.scenes``), shipped:
+    python examples/train_dyvte_routers.py --model ref:shapes --scenes 4000 --out runs/dyvte_ref --ship reference
 Your checkpoint and LLaVA conversation data (official: the 1 % single-turn subset of LLaVA-mix665k):
     python examples/train_dyvte_routers.py --model llava-hf/llava-1.5-7b-hf --dtype bfloat16 \\
         --data mix665k_single_turn_1pct.json --images DIR --out runs/dyvte_llava7b --router-hidden 2048 --batch-size 16
@@ -55,6 +57,30 @@ def make_demo_data(model, processor, root: Path, n: int, answer_tokens: int = 12
     return path, img_dir
 
 
+def make_scene_data(root: Path, n: int, seed: int = 0) -> tuple[Path, Path]:
+    """``n`` single-turn conversations on the procedural training scenes (``vtoolkit.data.scenes``: the data the
+    reference model was trained on), one question per scene with its true answer."""
+    import numpy as np
+
+    try:
+        from vtoolkit.data import scenes as S
+    except ImportError:
+        raise SystemExit("--scenes needs vtoolkit.data.scenes (shipped with the reference model)") from None
+    img_dir = root / "images"
+    img_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        scene = S.make_scene(S.TRAIN_SEED, i)
+        (q, a), = S.training_turns(scene, rng, n=1)
+        S.render(scene).save(img_dir / f"{i}.png")
+        rows.append({"id": f"scene{i}", "image": f"{i}.png", "conversations": [
+            {"from": "human", "value": "<image>\n" + q}, {"from": "gpt", "value": a}]})
+    path = root / "conversations.json"
+    path.write_text(json.dumps(rows, indent=1))
+    return path, img_dir
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="tiny:llava", help="checkpoint path / hub id, or tiny:<arch>")
@@ -62,6 +88,7 @@ def main(argv=None) -> None:
     ap.add_argument("--data", help="LLaVA conversation JSON; omitted: generated demo data")
     ap.add_argument("--images", help="folder of the data's images")
     ap.add_argument("--demo-samples", type=int, default=64)
+    ap.add_argument("--scenes", type=int, default=0, help="train on N procedural scenes (vtoolkit.data.scenes)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--router-hidden", type=int, default=64, help="official 2048; small routers for small models")
     ap.add_argument("--batch-size", type=int, default=8)
@@ -76,7 +103,9 @@ def main(argv=None) -> None:
 
     out = Path(args.out)
     model, processor = load_model(args.model, dtype=args.dtype)
-    if args.data is None:
+    if args.scenes:
+        data, images = make_scene_data(out / "scene_data", args.scenes, args.seed)
+    elif args.data is None:
         data, images = make_demo_data(model, processor, out / "demo_data", args.demo_samples)
     else:
         if args.images is None:

@@ -250,14 +250,36 @@ def test_two_process_data_parallel(tmp_path):
     DyVTERouters.load(out / "routers.safetensors", tiny_model("llava")[0])
 
 
-def test_example_script_trains_and_runs(tmp_path, capsys):
+def _example():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("train_dyvte_routers", REPO / "examples" / "train_dyvte_routers.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+def test_example_script_trains_and_runs(tmp_path, capsys):
+    mod = _example()
     mod.main(["--model", "tiny:qwen2_vl", "--out", str(tmp_path), "--demo-samples", "4", "--max-steps", "2",
               "--batch-size", "2", "--router-hidden", "8"])
     out = capsys.readouterr().out
     assert "trained 2 steps" in out and "dyvte on 4 held-out prompts: exit layers" in out
     assert (tmp_path / "routers.safetensors").is_file() and (tmp_path / "demo_data" / "conversations.json").is_file()
+
+
+def test_example_scene_data_is_llava_conversation_json(tmp_path, monkeypatch):
+    """--scenes writes the procedural scenes' questions and true answers in the format the trainer reads (the scene
+    module is stood in for here by the few functions the example calls)."""
+    import types
+
+    fake = types.SimpleNamespace(TRAIN_SEED=0, make_scene=lambda seed, i: i,
+                                 training_turns=lambda scene, rng, n: [(f"Is there a star {scene}?", "Yes")],
+                                 render=lambda scene: demo_image(scene, (64, 64)))
+    pkg = types.ModuleType("vtoolkit.data")
+    pkg.scenes = fake
+    monkeypatch.setitem(sys.modules, "vtoolkit.data", pkg)
+    monkeypatch.setitem(sys.modules, "vtoolkit.data.scenes", fake)
+    path, img = _example().make_scene_data(tmp_path, 3)
+    samples, problems = T.load_conversations(path, img)
+    assert problems == [] and [(s.question, s.answer) for s in samples][2] == ("Is there a star 2?", "Yes")
