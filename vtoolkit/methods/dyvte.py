@@ -7,7 +7,8 @@ the OUTPUT of decoder layer ``l``: ``feat = [mean of the text tokens after the l
 prompt token ; the last prompt token]``. At prefill, after layers ``l = 0, 1, ...``, the first router whose argmax is
 "exit" (``logit[1] > logit[0]``; no threshold) ends the visual tokens: layers ``l+1 .. L-1`` run on the text tokens
 only (hidden states, masks and position ids; the text keeps its original positions, M-RoPE included), so the KV cache
-of those layers holds text only. Decode steps do not re-run the routers.
+of those layers holds text only. Decode steps do not re-run the routers (nor do the later prefills of
+``generate(use_cache=False)``, which keep the call's exits, so cache and no-cache give the same tokens).
 
 Options (exactly one of ``routers`` / ``exit_layer``):
 
@@ -43,7 +44,8 @@ Deviations from the official code:
 ``(L - 1 - e) * (F(n) - F(n - v)) - r * 2 * (2d * h + 2h)`` with ``F`` = :func:`vtoolkit.bench.flops.llm_layer_flops`
 of one layer over ``n`` tokens (``n``: the sample's prompt tokens, ``v``: its visual tokens), ``r`` router evaluations
 of hidden size ``h``); and for the batch: ``layer`` (the first layer that ran without visual tokens, ``None`` when some
-sample never exited), ``visual_tokens_before`` / ``visual_tokens_after`` (what the last layer sees per sample).
+sample never exited), ``visual_tokens_before`` / ``visual_tokens_after`` (the visual tokens the last layer still
+attends, per sample).
 """
 from __future__ import annotations
 
@@ -71,8 +73,8 @@ OFFICIAL_ROUTER_HIDDEN = 2048
 
 # ------------------------------------------------------------------------------------------------ fingerprints
 def fingerprint(model_or_adapter) -> dict[str, Any]:
-    """The architecture a set of routers belongs to: the LLM's shape (what the routers' input is made of) and the
-    model type; ``config_hash`` digests the rest so that two fingerprints compare as one string."""
+    """The architecture a set of routers belongs to: the model type and the LLM's shape (what the routers' input is
+    made of); ``config_hash`` is a short digest of those fields (one string to compare or name a file by)."""
     from vtoolkit.models import get_adapter
 
     a = model_or_adapter if hasattr(model_or_adapter, "text_config") else get_adapter(model_or_adapter)
