@@ -10,6 +10,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+import vtoolkit as vt
 from conftest import tiny_model
 from vtoolkit.cli import app
 from vtoolkit.eval import demo_data as dd
@@ -18,6 +19,7 @@ from vtoolkit.eval.runner import read_predictions
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--set", "pope.max_new_tokens=2", "--no-progress"]
+METHODS = ", ".join(sorted(r["name"] for r in vt.list_methods()))   # the registry's "Available: ..." list
 
 
 @pytest.fixture
@@ -195,12 +197,12 @@ def test_sweep_reports_every_problem_at_once_before_running(tmp_path, tiny):
         "attn_implementation, seed, benchmarks, data, protocol, limit, batch_size, out, methods",
         f"error: sweep.yaml: data: pope images: {tmp_path / 'nope'}: no such file or folder",
         "error: sweep.yaml: protocol: pope protocol: max_new_tokens must be >= 1, got 0",
-        "error: sweep.yaml: methods[0]: fastervlm: keep_ratio must be in (0, 1], got 1.5",
-        "error: sweep.yaml: methods[1]: Unknown method 'fastvlm'. Did you mean 'fastervlm'? Available: fastervlm, "
-        "fastv, none, random.",
+        "error: sweep.yaml: methods[0]: fastervlm: keep_ratio (the share of visual tokens KEPT) must be in (0, 1], "
+        "got 1.5",
+        f"error: sweep.yaml: methods[1]: Unknown method 'fastvlm'. Did you mean 'fastervlm'? Available: {METHODS}.",
         "error: sweep.yaml: methods[2]: unknown key 'gird'. Did you mean 'grid'? Valid: method, preset, options, grid",
         "error: sweep.yaml: methods[3]: fastv: FastVConfig has no option 'rato'. Did you mean 'ratio'? Valid options: "
-        "K, ratio."]
+        f"{', '.join(vt.get_config_class('fastv').field_names())}."]
     for extra in ([], ["--dry-run"]):
         t0 = time.perf_counter()
         res = invoke("sweep", path, "--out", tmp_path / "out", *extra)
@@ -326,8 +328,8 @@ def test_limit_spreads_pope_over_splits_and_must_be_positive(tmp_path, pope, tin
      "error: --set: FasterVLMConfig option 'keep_ratio' must be a number or None, got str 'abc'"),
     (["--method", "fastervlm", "--set", "budget_scope=diagonal"],
      "error: --set: fastervlm: budget_scope must be one of ('per_crop', 'global'), got 'diagonal'"),
-    (["--method", "fastvlm"], "error: --method: Unknown method 'fastvlm'. Did you mean 'fastervlm'? Available: "
-                              "fastervlm, fastv, none, random."),
+    (["--method", "fastvlm"], f"error: --method: Unknown method 'fastvlm'. Did you mean 'fastervlm'? Available: "
+                              f"{METHODS}."),
     (["--model", "tiny:qwen3_vl", "--method", "fastervlm"],
      "error: --method: method 'fastervlm' does not support 'qwen3_vl' models; it supports llava, llava_next, "
      "qwen2_5_vl, qwen2_vl (vtoolkit list)"),
