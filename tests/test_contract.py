@@ -5,7 +5,7 @@ Add a new method to CASES: a test fails until it is listed. For each case:
 - an active setting through generate: a padded batch gives the same tokens as each prompt alone;
 - an exception inside ``with`` leaves no hooks and no attention interceptors;
 - ``generate(use_cache=False)`` equals the cached run where the method's decisions do not depend on the decoded
-  tokens (pre-LLM pruning); FastV re-ranks with each new last token without a cache, so its cache semantics are
+  tokens (pre-LLM pruning; VAR, whose sinks are the prompt's); FastV re-ranks with each new last token without a cache, so its cache semantics are
   tested with a query-independent score in test_fastv.py.
 """
 import pytest
@@ -24,6 +24,8 @@ CASES = {
     "fastervlm": ({"keep_ratio": 1.0}, {"keep_ratio": 0.3}, True),
     "random": ({"keep_ratio": 1.0}, {"keep_ratio": 0.3, "seed": 3}, True),
     "fastv": ({"keep_ratio": 1.0}, {"K": 2, "keep_ratio": 0.5}, False),
+    # random tiny models have no massive activations: explicit sink dims and a low tau make sinks (see test_var.py)
+    "var": ({"p": 1.0, "sink_dims": list(range(8)), "tau": 2.5}, {"sink_dims": list(range(8)), "tau": 2.5}, True),
 }
 GEN = dict(max_new_tokens=4, do_sample=False)
 IMAGES = [((160, 120), "Is there a dog?"), ((200, 100), "Describe this image in detail, with every object you see."),

@@ -24,6 +24,7 @@ _BUILTIN_METHOD_MODULES = (
     "vtoolkit.methods.fastervlm",
     "vtoolkit.methods.fastv",
     "vtoolkit.methods.random_prune",
+    "vtoolkit.methods.var",
 )
 
 
