@@ -161,34 +161,49 @@ def sink_scores(hidden: torch.Tensor, dims) -> torch.Tensor:
     return x.index_select(-1, idx).abs().amax(-1) * torch.rsqrt(x.pow(2).mean(-1) + EPS_RMS)
 
 
-def redistribute(probs: torch.Tensor, sinks: torch.Tensor, visual: torch.Tensor, rows: torch.Tensor, p: float,
-                 rho: float, summ: float, active: torch.Tensor | None = None) -> torch.Tensor:
+@dataclass
+class KeyMasks:
+    """Per-key masks of one layer, built once per prefill (:func:`key_masks`) and reused at every decode step."""
+
+    sums: torch.Tensor        # [B, 1, P, 3] float32: visual, visual sinks, all sinks (one matmul gives the three sums)
+    n_vis: torch.Tensor       # [B, 1, 1] float32: visual tokens per sample
+    sinks: torch.Tensor       # [B, 1, 1, P] bool
+    other: torch.Tensor       # [B, 1, 1, P] bool: neither a sink nor a receiver (factor 1)
+    active: torch.Tensor      # [B, 1, 1] bool: the sample has a visual sink
+
+
+def key_masks(sinks: torch.Tensor, visual: torch.Tensor) -> KeyMasks:
+    """:class:`KeyMasks` from ``sinks``, ``visual`` ``[B, P]`` bool."""
+    vsink = sinks & visual
+    receivers = visual & ~sinks
+    return KeyMasks(sums=torch.stack([visual, vsink, sinks], -1).float()[:, None],
+                    n_vis=visual.sum(1).float()[:, None, None], sinks=sinks[:, None, None, :],
+                    other=~(sinks | receivers)[:, None, None, :], active=vsink.any(1)[:, None, None])
+
+
+def redistribute(probs: torch.Tensor, sinks: torch.Tensor, visual: torch.Tensor, rows: torch.Tensor | None, p: float,
+                 rho: float, summ: float, keys: KeyMasks | None = None) -> torch.Tensor:
     """HeadFork + VAR on attention probabilities, in place; returns the ``[B, H, Q]`` bool of redistributed rows.
 
     ``probs [B, H, Q, K]`` (float32, rows sum to 1; modified in place on the first ``P`` columns); ``sinks``,
     ``visual`` ``[B, P]`` bool over the first ``P <= K`` key columns (the prompt; later keys are generated tokens:
-    neither sinks nor visual); ``rows [B, Q]`` bool: the query rows VAR may change; ``active [B]`` bool: samples with
-    a visual sink in this layer (default: computed from ``sinks & visual``).
+    neither sinks nor visual); ``rows [B, Q]`` bool: the query rows VAR may change (None: all; a sample without a
+    visual sink is never changed); ``keys``: :func:`key_masks` of ``sinks, visual``, when already built.
     """
-    B, H, Q, K = probs.shape
     P = sinks.shape[1]
-    vsink = sinks & visual
-    if active is None:
-        active = vsink.any(1)
-    nsv = visual & ~sinks                                      # receivers: non-sink visual tokens
-    masks = torch.stack([visual, vsink, sinks], -1).to(probs.dtype)            # [B, P, 3]
+    keys = keys if keys is not None else key_masks(sinks, visual)
     a = probs[..., :P]
-    sums = torch.matmul(a, masks[:, None])                     # [B, H, Q, 3]: visual, visual sinks, all sinks
-    s_vis, s_vsink, s_sink = sums.unbind(-1)
-    n_vis = visual.sum(1).to(probs.dtype)[:, None, None]
-    portion = s_vsink / (s_vis + EPS_PORTION * n_vis)
-    s_nsv = s_vis - s_vsink
-    sel = (portion <= rho) & (s_vis >= summ) & (s_nsv > 0) & rows[:, None, :] & active[:, None, None]
-    gain = torch.where(sel, 1.0 + (1.0 - p) * s_sink / s_nsv.clamp_min(torch.finfo(probs.dtype).tiny), 1.0)
+    s_vis, s_vsink, s_sink = torch.matmul(a, keys.sums).unbind(-1)         # each [B, H, Q]
+    s_recv = s_vis - s_vsink
+    portion = s_vsink / (s_vis + EPS_PORTION * keys.n_vis)
+    sel = (portion <= rho) & (s_vis >= summ) & (s_recv > 0) & keys.active
+    if rows is not None:
+        sel &= rows[:, None, :]
+    gain = torch.where(sel, 1.0 + (1.0 - p) * s_sink / s_recv.clamp_min(torch.finfo(probs.dtype).tiny), 1.0)
     keep = torch.where(sel, p, 1.0)
-    # one [B, H, Q, P] factor: p on sinks, 1 + Omega / sum(non-sink visual) on receivers, 1 elsewhere
-    factor = torch.where(sinks[:, None, None, :], keep[..., None], gain[..., None])
-    factor.masked_fill_(~(sinks | nsv)[:, None, None, :], 1.0)
+    # one [B, H, Q, P] factor: p on sinks, 1 + Omega / sum(receivers) on the receivers, 1 elsewhere
+    factor = torch.where(keys.sinks, keep[..., None], gain[..., None])
+    factor.masked_fill_(keys.other, 1.0)
     a.mul_(factor)
     return sel
 
@@ -204,9 +219,12 @@ class _LayerState:
     row0: torch.Tensor        # [B] long: first row VAR may change (after the last visual token; P without image)
     active: torch.Tensor      # [B] bool: the sample has a visual sink here
     has_visual: torch.Tensor  # [B] bool: the sample has visual tokens here
+    keys: KeyMasks
     first_row: int            # min of row0 over active samples (rows before it are never changed)
     any_active: bool
-    counts: torch.Tensor = field(default=None)   # [2] long: (head, row) pairs redistributed, considered
+    n_visual: int             # samples with visual tokens
+    counts: torch.Tensor = field(default=None)   # [2] long: (head, row) pairs redistributed, considered (prefill)
+    considered: int = 0       # (head, row) pairs considered at decode steps (known without looking at the device)
 
 
 @register_method("var", config=VARConfig, kind="mitigate", stage="llm_attention",
@@ -314,9 +332,9 @@ class VAR(Method):
         row0 = torch.where(last >= 0, last + 1, L)
         active = (sinks & visual).any(1)
         first = torch.where(active, row0, L).amin()
-        first_row, any_active = (int(x) for x in torch.stack([first, active.any().long()]).tolist())
-        return _LayerState(sinks, visual, nonpad, row0, active, last >= 0, first_row, bool(any_active),
-                           torch.zeros(2, dtype=torch.long, device=dev))
+        first_row, any_active, n_visual = torch.stack([first, active.any().long(), (last >= 0).sum()]).tolist()
+        return _LayerState(sinks, visual, nonpad, row0, active, last >= 0, key_masks(sinks, visual), int(first_row),
+                           bool(any_active), int(n_visual), torch.zeros(2, dtype=torch.long, device=dev))
 
     # -- attention ----------------------------------------------------------------------------------------------------
     def _attend(self, module, query, key, value, attention_mask, kwargs):
@@ -331,23 +349,24 @@ class VAR(Method):
         # rows VAR may change: after the sample's last visual token and not padding; a generated row (position >= P)
         # qualifies in every sample that has visual tokens
         n_prompt_rows = min(max(P - past, 0), Lq)
-        if n_prompt_rows == 0:                     # decode
-            rows = st.has_visual[:, None].expand(B, Lq)
+        if n_prompt_rows == 0:                     # decode: every row (a sample without visual sink stays unchanged)
+            rows = None
+            st.considered += st.n_visual * H * Lq
         else:
             qpos = torch.arange(past, Lk, device=query.device)
             nonpad = torch.ones(B, Lq, dtype=torch.bool, device=query.device)
             nonpad[:, :n_prompt_rows] = st.nonpad[:, past:past + n_prompt_rows]
             rows = (qpos[None, :] >= st.row0[:, None]) & nonpad & st.has_visual[:, None]
+            st.counts[1] += rows.sum() * H
         r0 = min(st.first_row, Lq) if past == 0 else 0   # rows before r0 are unchanged in every sample
         if not st.any_active or r0 >= Lq or (self.config.p == 1.0 and not _FORCE_EAGER):
-            st.counts[1] += rows.sum() * H
             return None
         scaling = kwargs.get("scaling") or getattr(module, "scaling", None) or query.shape[-1] ** -0.5
         mask = attention_mask[:, :, r0:] if attention_mask is not None else None
         probs = _probs(query[:, :, r0:], key, mask, scaling, past + r0)
-        sel = redistribute(probs, st.sinks, st.visual, rows[:, r0:], self.config.p, self.config.rho,
-                           self.config.summ, st.active)
-        st.counts += torch.stack([sel.sum(), rows.sum() * H])
+        sel = redistribute(probs, st.sinks, st.visual, rows[:, r0:] if rows is not None else None, self.config.p,
+                           self.config.rho, self.config.summ, st.keys)
+        st.counts[0] += sel.sum()
         out = _apply(probs.to(value.dtype), value)                       # [B, H, Lq - r0, d]
         out = out.transpose(1, 2)
         if r0 > 0:       # the rows before, untouched: the base attention (SDPA) on those rows
@@ -374,7 +393,7 @@ class VAR(Method):
         sinks = [{i: st.sinks[r].nonzero().flatten().tolist() for i, st in self._state.items()} for r in rows]
         vis = [{i: (st.sinks[r] & st.visual[r]).nonzero().flatten().tolist() for i, st in self._state.items()}
                for r in rows]
-        counts = {i: st.counts.tolist() for i, st in self._state.items()}
+        counts = {i: [c[0], c[1] + st.considered] for i, st in self._state.items() for c in [st.counts.tolist()]}
         out.update(
             layers=list(self.layers), sink_dims=list(self.dims), sinks=sinks, visual_sinks=vis,
             num_sinks=[{i: len(v) for i, v in s.items()} for s in sinks],
