@@ -599,3 +599,34 @@ def test_preset_file_holds_the_official_defaults():
     assert name == "var"
     assert var_mod.VARConfig(**opts) == var_mod.VARConfig()
     assert (opts["p"], opts["tau"], opts["rho"], opts["summ"]) == (0.6, 20.0, 0.5, 0.2)
+
+
+@torch.no_grad()
+def test_llava_next_visual_positions_are_the_whole_block_with_newlines():
+    model, proc, adapter = tiny_model("llava_next")
+    batch = sample_batch("llava_next", n=2, two_images=True)
+    with vt.apply_method(model, "var", **ACTIVE) as h:
+        model(**batch)
+        visual = h.methods[0]._state[2].visual
+    for b, sample in enumerate(adapter.image_spans(batch)):
+        block = torch.cat([s.positions for s in sample]).sort().values
+        assert all(s.newlines is not None and s.newlines.numel() > 0 for s in sample)
+        assert torch.equal(visual[b].nonzero().flatten(), block)          # every image, newlines included
+
+
+@torch.no_grad()
+def test_beam_search_batch_equals_singles():
+    model, proc, adapter = tiny_model("llava")
+    images = [demo_image(0, (160, 120)), [demo_image(1, (200, 100)), demo_image(7, (100, 150))]]
+    qs = ["Is there a dog?", "Describe this image in detail, please, with every object you see."]
+    batch = adapter.prepare_inputs(proc, images, qs)
+    beams = dict(max_new_tokens=3, num_beams=2, do_sample=False)
+    with vt.apply_method(model, "var", **ACTIVE) as h:
+        out = model.generate(**batch, **beams)
+        assert len(h.stats["sinks"]) == 2                                  # one entry per input sample
+        n = batch["input_ids"].shape[1]
+        for i in range(2):
+            one = adapter.prepare_inputs(proc, [images[i]], [qs[i]])
+            single = model.generate(**one, **beams)
+            assert_same_continuation(out[i, n:], single[0, one["input_ids"].shape[1]:], _pad_id(model, proc),
+                                     f"sample {i}")

@@ -40,12 +40,13 @@ How it runs here (vs the official code: eager attention in every layer, batch 1,
 
 - Sinks come from a pre-hook on each modified layer's input norm (after any pre-hook of the layer itself, so a
   mid-stack pruner's rewrite is seen) in the coordinates the layer sees: with ``["fastervlm", "var"]`` or
-  ``["fastv", "var"]`` the visual positions are the kept ones of that layer (``CallContext.visual_mask(layer)``).
+  ``["fastv", "var"]`` the visual positions are the kept ones of that layer (``CallContext.visual_mask(layer)``;
+  FastV ranks tokens from layer K-1's q/k, i.e. its unmodified attention).
   Visual positions are every image placeholder of the sequence (LLaVA-NeXT: the whole block, ``image_newline``
   tokens included; several images: all of them). Pad slots are never sinks and never receive mass.
 - The modified layers run through the attention interception of :mod:`vtoolkit.hooks.attention`: probabilities are
-  computed, vectorised over batch, heads and rows, only for the query rows VAR may change (prefill: from the first
-  row after the earliest last-visual-token of the batch; decode: the new row); the earlier rows of those layers, all
+  computed, vectorised over batch, heads and rows, only for the query rows VAR may change (prefill: from the
+  earliest first-changeable row among the samples with a visual sink; decode: the new row); the earlier rows of those layers, all
   other layers and the vision tower keep the model's SDPA (or eager) attention. The redistribution is one masked
   multiply of the probabilities (``[B, H, rows, prompt]``) in float32; the weights returned are None as with SDPA.
 - Batched with padding, per sample: each sample has its own sinks, visual mask and first modified row.
@@ -54,7 +55,7 @@ How it runs here (vs the official code: eager attention in every layer, batch 1,
   and the rows of generated tokens are modified as at a cached decode step, so the tokens equal the cached run's.
 
 Named deviations: the official code keeps the image span ``[im, im + pa)`` of a single image (LLaVA-1.5 only) and
-the 7B dims for every model (its setter is never called); the redistribution runs in float32 (official: the model
+the 7B dims for every model (its setter is never called; here a 13B LLaMA-2 gets the 13B dims); the redistribution runs in float32 (official: the model
 dtype); a selected row whose visual attention is all on sinks has nowhere to move mass and is left unchanged
 (official: division by zero). Inference only (no attention dropout).
 """
