@@ -5,7 +5,7 @@ Add a new method to CASES: a test fails until it is listed. For each case:
 - an active setting through generate: a padded batch gives the same tokens as each prompt alone;
 - an exception inside ``with`` leaves no hooks and no attention interceptors;
 - ``generate(use_cache=False)`` equals the cached run where the method's decisions do not depend on the decoded
-  tokens (pre-LLM pruning); FastV re-ranks with each new last token without a cache, so its cache semantics are
+  tokens (pre-LLM pruning; VAR, whose sinks are the prompt's); FastV re-ranks with each new last token without a cache, so its cache semantics are
   tested with a query-independent score in test_fastv.py.
 """
 import pytest
@@ -28,6 +28,8 @@ CASES = {
     "vhr": ({"alpha": 1.0}, {"alpha": 2.5}, True),
     "damro": ({"alpha": 0.0, "beta": 0.0}, {"alpha": 1.0, "beta": 0.1, "topk": 3, "topk_rule": "fixed"}, True),
     "vcd": ({"alpha": 0.0, "beta": 0.0}, {"alpha": 1.0, "beta": 0.1}, True),
+    # random tiny models have no massive activations: explicit sink dims and a low tau make sinks (see test_var.py)
+    "var": ({"p": 1.0, "sink_dims": list(range(8)), "tau": 2.5}, {"sink_dims": list(range(8)), "tau": 2.5}, True),
 }
 GEN = dict(max_new_tokens=4, do_sample=False)
 IMAGES = [((160, 120), "Is there a dog?"), ((200, 100), "Describe this image in detail, with every object you see."),

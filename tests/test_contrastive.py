@@ -268,6 +268,6 @@ def test_bad_options_and_refused_compositions():
         with pytest.raises(ValueError, match="topk=65 asks for 65 outlier tokens but .* has only 64"):
             with torch.no_grad():
                 model(**batch)
-    for combo in (["fastv", "damro"], ["vhr", "vcd"], ["damro", "vcd"]):
+    for combo in (["fastv", "damro"], ["vhr", "vcd"], ["damro", "vcd"], [("var", {"sink_dims": [0]}), "damro"]):
         with pytest.raises(ValueError, match="cannot be composed"):
             vt.apply_method(model, combo)

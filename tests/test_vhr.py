@@ -180,6 +180,21 @@ def test_composes_with_fastervlm(arch):
         assert h.stats["vhr"]["selected_heads"].any()
 
 
+@torch.no_grad()
+def test_composes_with_var_which_leaves_the_side_stream_alone():
+    model, proc, adapter = tiny_model("llava")
+    batch = sample_batch("llava", n=2)
+    var = {"sink_dims": list(range(8)), "tau": 2.5}
+    with vt.apply_method(model, "vhr", alpha=2.0):
+        alone = model.generate(**batch, **GEN)
+    with vt.apply_method(model, [("var", {"p": 1.0, **var}), ("vhr", {"alpha": 2.0})]):
+        assert torch.equal(model.generate(**batch, **GEN), alone)
+    with vt.apply_method(model, [("var", var), ("vhr", {"alpha": 2.0})]) as h:
+        out = model.generate(**batch, **GEN)
+        assert torch.equal(model.generate(**batch, **GEN, use_cache=False), out)
+        assert h.stats["vhr"]["selected_heads"].any()
+
+
 def test_bad_options_name_the_option():
     model, _, _ = tiny_model("llava")
     for bad, match in [({"alpha": 0}, "alpha"), ({"alpha": -1.0}, "alpha"), ({"layers": []}, "layers"),

@@ -51,10 +51,11 @@ def _check_compatible(specs: list[MethodSpec], existing: list[MethodSpec]) -> No
         raise ValueError(f"methods {pruners[0]!r} and {pruners[1]!r} both prune visual tokens and cannot be composed: "
                          f"the second would rank tokens in a sequence the first already rewrote")
     by_stage = {s.stage: s.name for s in existing + specs}
-    if "decode" in by_stage and "llm" in by_stage:
-        raise ValueError(f"methods {by_stage['decode']!r} and {by_stage['llm']!r} cannot be composed: "
+    inside = by_stage.get("llm") or by_stage.get("llm_attention")
+    if "decode" in by_stage and inside:
+        raise ValueError(f"methods {by_stage['decode']!r} and {inside!r} cannot be composed: "
                          f"{by_stage['decode']!r} runs its contrast rows through every decoder layer as extra batch "
-                         f"rows, and {by_stage['llm']!r} changes what those layers compute per row (heads, attention, "
+                         f"rows, and {inside!r} changes what those layers compute per row (heads, attention, "
                          f"or a mid-stack token removal sized for the prompt's rows). Compose contrastive decoding "
                          f"with a pre-LLM pruner (fastervlm, random) only")
     seen: dict[str, str] = {}

@@ -14,7 +14,9 @@ from typing import Any
 
 KINDS = ("identity", "prune", "mitigate")
 # Where a method acts. Two methods may compose when their stages differ, or when both declare `composable`.
-STAGES = ("none", "vision", "pre_llm", "llm", "decode")
+# "llm": changes which tokens the LLM layers run on (mid-stack pruning); "llm_attention": changes the attention
+# probabilities of LLM layers in place (the sequence is untouched), so it composes with pruners at either stage.
+STAGES = ("none", "vision", "pre_llm", "llm", "llm_attention", "decode")
 
 # Modules that define the built-in methods; imported on first registry access.
 _BUILTIN_METHOD_MODULES = (
@@ -26,6 +28,7 @@ _BUILTIN_METHOD_MODULES = (
     "vtoolkit.methods.vhr",
     "vtoolkit.methods.damro",
     "vtoolkit.methods.vcd",
+    "vtoolkit.methods.var",
 )
 
 

@@ -57,6 +57,17 @@ def _token_counts(model, batch, stats: dict) -> dict:
             "from_layer": int(stats.get("layer", 0) or 0)}   # mid-stack methods (FastV) report the first pruned layer
 
 
+def _jsonable(obj):
+    """``stats`` as plain JSON values (tensors -> lists, keys -> str)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    return obj
+
+
 def run_bench(model, processor, methods, batch_size: int = 1, prompt_tokens: int | None = None,
               decode_tokens: int = 8, repeats: int = 3, progress=None, warmup: int = 1) -> list[dict]:
     """Benchmark ``methods`` (a list of ``(name, overrides)``) against the untouched model.
@@ -125,6 +136,7 @@ def run_bench(model, processor, methods, batch_size: int = 1, prompt_tokens: int
             "flops_prefill": B * F.prefill_flops(row_shape, c["full_len"], **kw),
             "flops_decode_per_token": B * F.decode_flops(shape, c["full_len"], **ckw),
             "device": device, "dtype": dtype, "load_per_core": machine_load(),
+            "method_stats": _jsonable(stats),   # what the method decided in its last measured call (e.g. VAR's sinks)
         })
     base = rows[0]
 

@@ -10,6 +10,10 @@ SDPA/flash and stay bit-exact.
 
 An interceptor is ``fn(module, query, key, value, attention_mask, kwargs) -> None | (out, weights)``: returning
 ``None`` observes only (e.g. computes one CLS row of scores from q/k); returning a tuple replaces the attention.
+Every interceptor of a module sees every call (an observer of one method still runs when another method replaces
+that module's attention); at most one may replace it in a call, two raise. :func:`base_attention` is the function
+un-intercepted calls run, for an interceptor that replaces part of the work (some query rows) and leaves the rest
+to it.
 """
 from __future__ import annotations
 
@@ -53,10 +57,17 @@ def _base_function(base: str) -> Callable:
 
 def _make_dispatcher(base: str) -> Callable:
     def dispatch(module, query, key, value, attention_mask, **kwargs):
-        for fn in _INTERCEPTORS.get(module, ()):
+        result = None
+        for fn in tuple(_INTERCEPTORS.get(module, ())):
             res = fn(module, query, key, value, attention_mask, kwargs)
             if res is not None:
-                return res
+                if result is not None:
+                    raise RuntimeError(f"two attention interceptors replaced the attention of {type(module).__name__} "
+                                       f"(layer {getattr(module, 'layer_idx', '?')}) in one call: the methods that "
+                                       f"installed them cannot be composed")
+                result = res
+        if result is not None:
+            return result
         return _base_function(base)(module, query, key, value, attention_mask, **kwargs)
 
     dispatch.__name__ = f"{PREFIX}{base}"
@@ -74,6 +85,11 @@ def _ensure_registered(base: str) -> str:
         AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[mask_key])
         _REGISTERED.add(name)
     return name
+
+
+def base_attention(config) -> Callable:
+    """The attention function that un-intercepted calls of the modules under ``config`` run (``sdpa``, eager...)."""
+    return _base_function(current_implementation(config))
 
 
 def current_implementation(config) -> str:

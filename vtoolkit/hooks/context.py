@@ -20,6 +20,11 @@ What the context also knows about a call, for every method:
   returns the right ``loss``.
 - :attr:`CallContext.layout`: which source positions each LLM row holds after a pruner rewrote it (the layout the
   LLM sees), published by the pruners, so a later method asks for visual positions in the coordinates it sees.
+- ``generate(use_cache=False)`` runs every step as a forward over the whole sequence with no cache, so each of them
+  starts a new prefill here; :attr:`CallContext.new_call` is False (and :attr:`CallContext.recompute` True) for those
+  after the first of one ``generate`` call,
+  and :attr:`CallContext.prompt_length` keeps the length of that call's prompt (columns from it on are generated
+  tokens), so decisions a method takes on the prompt (sink tokens, heads) can be taken on the prompt alone.
 
 No silent no-op: a method that needs one of its hooks to run in a forward says so with :meth:`CallContext.expect`
 (usually from ``on_prefill`` / ``on_step`` when the call has visual input); the hook reports with
@@ -94,6 +99,8 @@ class CallContext:
         self._cache_len = 0
         self._expected: dict[str, str] = {}   # key -> "owner: what did not happen", for the current forward
         self._marked: set[str] = set()
+        self.prompt_length = 0    # columns of the prompt of the current call (see recompute)
+        self.recompute = False    # this prefill re-runs a generate(use_cache=False) call's prompt + generated tokens
 
     def install(self, hooks) -> None:
         hooks.forward_pre(self.adapter.model, self._pre_forward, with_kwargs=True, prepend=True)
@@ -145,7 +152,7 @@ class CallContext:
         if cache_length(cache) == 0:
             # generate(use_cache=False) re-runs the whole sequence at every step: those prefills continue one call
             self.new_call = fresh or self._generate_depth == 0
-            self._start_call(kw)
+            self._start_call(kw, recompute=not self.new_call)
             if self._labels is not None:     # compute the loss ourselves on the rows the LLM sees
                 kw["labels"] = None
                 return (), kw
@@ -160,8 +167,12 @@ class CallContext:
                     on_step(self)
         return None
 
-    def _start_call(self, kw) -> None:
+    def _start_call(self, kw, recompute: bool = False) -> None:
         self.inputs = {k: kw.get(k) for k in _CAPTURED}
+        seq = self.inputs["input_ids"] if self.inputs["input_ids"] is not None else kw.get("inputs_embeds")
+        self.recompute = recompute and self.prompt_length > 0
+        if not self.recompute:
+            self.prompt_length = int(seq.shape[1]) if seq is not None else 0
         mm = kw.get("mm_encoder_outputs") or {}
         self.features_from_hooked_encoder = True
         if mm.get("image") is not None:   # features precomputed by this generate's encoder call

@@ -123,7 +123,6 @@ class ContrastiveDecoding(Method):
             self._stats = {"changed_tokens": [0] * len(ctx.sample_rows if ctx.inputs.get("input_ids") is not None
                                                          else []), "steps": 0}
             self._done = None
-            self._prompt_len = ctx.inputs["input_ids"].shape[1] if ctx.inputs.get("input_ids") is not None else 0
         else:                      # generate(use_cache=False): this prefill re-runs the sequence after one more token
             self._note_chosen(ctx)
         self.side, self._side_logits = None, None
@@ -157,7 +156,7 @@ class ContrastiveDecoding(Method):
             if ctx.inputs.get("input_ids") is None:
                 raise ValueError(f"{self.name} needs input_ids at prefill to build its contrast stream; this call "
                                  f"passed only inputs_embeds")
-            embeds, valid, positions = self.contrast_rows(ctx, kwargs, self._prompt_len)
+            embeds, valid, positions = self.contrast_rows(ctx, kwargs, ctx.prompt_length)
             embeds, valid, positions = self._with_generated(ctx, embeds, valid, positions)
             self.side = SideStream(self.adapter, self.name)
             self.side.set_rows(embeds, valid, positions)
@@ -174,10 +173,10 @@ class ContrastiveDecoding(Method):
         """generate(use_cache=False): every step re-runs the prompt plus the tokens generated so far; append those
         to the contrast prompt (same tokens, positions continuing the contrast prompt's)."""
         ids = ctx.inputs["input_ids"]
-        extra = ids.shape[1] - self._prompt_len
+        extra = ids.shape[1] - ctx.prompt_length
         if ctx.new_call or extra <= 0:
             return embeds, valid, positions
-        gen = ids[:, self._prompt_len:].to(embeds.device)
+        gen = ids[:, ctx.prompt_length:].to(embeds.device)
         g_emb = self.adapter.model.get_input_embeddings()(gen).to(embeds.dtype)
         if positions is None:
             positions = contiguous_positions(valid)

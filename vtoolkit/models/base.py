@@ -97,6 +97,11 @@ class ModelAdapter:
     def attention(self, layer: int) -> torch.nn.Module:
         return self.decoder_layers[layer].self_attn
 
+    def input_norm(self, layer: int) -> torch.nn.Module:
+        """The norm a decoder layer applies to its input first: a pre-hook on it sees the residual stream entering
+        the layer after every pre-hook of the layer itself ran (e.g. a mid-stack pruner's rewrite)."""
+        return self.decoder_layers[layer].input_layernorm
+
     def attention_modules(self) -> list[torch.nn.Module]:
         return [layer.self_attn for layer in self.decoder_layers]
 
