@@ -47,9 +47,11 @@ def list_cmd(pattern: str = typer.Argument("*", help="glob over method names, e.
 
 
 def _mount_subcommands() -> None:
+    from vtoolkit.demo import register as register_demo
     from vtoolkit.eval.cli import register as register_eval
 
     register_eval(app)
+    register_demo(app)
     try:
         from vtoolkit.bench.cli import register as register_bench
     except ImportError:  # pragma: no cover - bench is optional at import time
