@@ -85,8 +85,10 @@ def _row(method: str, options: Mapping, kind: str, metrics: Mapping | None, erro
     row["mme_total"] = mme.get("headline")
     ov = chair.get("overall") or {}
     row["chair_s"], row["chair_i"], row["chair_recall"] = ov.get("CHAIRs"), ov.get("CHAIRi"), ov.get("Recall")
-    t = [(v.get("latency_s"), v.get("n_scored")) for k, v in b.items() if k in ("pope", "mme")]
-    row["_latency"] = sum(lat * n for lat, n in t if _num(lat) and n) / max(1, sum(n for lat, n in t if _num(lat) and n))
+    timed = [(v["latency_s"], v["n_scored"]) for k, v in b.items()
+             if k in ("pope", "mme") and _num(v.get("latency_s")) and v.get("n_scored")]
+    n = sum(k for _, k in timed)
+    row["_latency"] = sum(lat * k for lat, k in timed) / n if n else None   # seconds per short-answer sample
     problems = [f"{k}: {v['n_errors']} sample errors (e.g. {v['errors'][0]['error']})" for k, v in b.items()
                 if v.get("n_errors")]
     problems += [f"{k}: not scored ({v['score_error']})" for k, v in b.items() if v.get("score_error")]
@@ -95,12 +97,13 @@ def _row(method: str, options: Mapping, kind: str, metrics: Mapping | None, erro
     return row
 
 
+# (row key, column header, format); CHAIR fractions are shown in %
 COLUMNS = (("setting", "setting", "{}"), ("visual_tokens", "visual tokens", "{:.1f}"),
            ("pope_acc_random", "POPE acc rand", "{:.3f}"), ("pope_acc_popular", "POPE acc pop", "{:.3f}"),
            ("pope_acc_adversarial", "POPE acc adv", "{:.3f}"), ("pope_f1", "POPE F1", "{:.3f}"),
            ("mme_existence", "MME exist", "{:.0f}"), ("mme_count", "MME count", "{:.0f}"),
            ("mme_position", "MME pos", "{:.0f}"), ("mme_color", "MME color", "{:.0f}"),
-           ("mme_total", "MME total", "{:.0f}"), ("chair_s", "CHAIRs %", "{:.1%}"), ("chair_i", "CHAIRi %", "{:.1%}"),
+           ("mme_total", "MME total", "{:.0f}"), ("chair_s", "CHAIRs %", "{:.1f}"), ("chair_i", "CHAIRi %", "{:.1f}"),
            ("latency_ratio", "latency x base", "{:.2f}"), ("error", "error", "{}"))
 
 
@@ -118,12 +121,12 @@ def comparison_table(rows: Sequence[Mapping]) -> tuple[str, list[dict]]:
         cells = []
         for key, _, fmt in COLUMNS:
             v = r.get(key)
-            if key == "chair_s" or key == "chair_i":
-                cells.append(f"{100 * v:.1f}" if _num(v) else "")
-            elif v is None or (isinstance(v, float) and math.isnan(v)):
-                cells.append("")
+            if _num(v):
+                cells.append(fmt.format(100 * v if key in ("chair_s", "chair_i") else v))
+            elif isinstance(v, str):
+                cells.append(" ".join(v.replace("|", "/").split()))
             else:
-                cells.append(fmt.format(v).replace("|", "/") if _num(v) or key in ("setting", "error") else str(v))
+                cells.append("")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n", out
 

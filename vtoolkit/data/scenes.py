@@ -43,7 +43,8 @@ import numpy as np
 __all__ = [
     "BACKGROUNDS", "BENCH_SEED", "CANVAS", "CAPTION_PROMPTS", "CLASSES", "COLORS", "FREQUENCY", "MME_SUFFIX",
     "OPPOSITE", "PAIRS", "PARTNER", "P_PARTNER", "SHORT_ANSWER", "SYNONYMS", "TRAIN_SEED", "Scene", "SceneObject",
-    "caption", "count_question", "count_word", "description", "groups_left_to_right", "make_scene", "negative_class",
+    "caption", "count_question", "count_word", "describe", "description", "groups", "groups_left_to_right",
+    "hard_negatives", "make_scene", "negative_class",
     "noun", "object_mask", "patch_coverage", "position_question", "render", "scenes", "training_turns",
     "with_article",
 ]
@@ -364,16 +365,48 @@ def groups_left_to_right(scene: Scene) -> list[str]:
     return sorted(scene.classes, key=lambda c: min(o.x for o in scene.instances(c)))
 
 
-def description(scene: Scene) -> str:
-    """The objects, left to right, with count and colour ("Two red stars, a blue moon and an orange ring."): the
-    text side of the ViT's contrastive pretraining, which therefore learns nothing about the background."""
+def groups(scene: Scene) -> list[tuple[int, str, str]]:
+    """``(count, colour, class)`` of every object group, left to right."""
+    return [(scene.count(c), scene.color_of(c), c) for c in groups_left_to_right(scene)]
+
+
+def describe(items: Sequence[tuple[int, str, str]], colors: bool = True) -> str:
+    """"Two red stars, a blue moon and an orange ring." for ``[(2, "red", "star"), (1, "blue", "moon"), ...]``
+    ("Two stars, a moon and a ring." without ``colors``)."""
     parts = []
-    for c in groups_left_to_right(scene):
-        n = scene.count(c)
-        phrase = f"{scene.color_of(c)} {noun(c, n)}"
+    for n, color, cls in items:
+        phrase = f"{color} {noun(cls, n)}" if colors else noun(cls, n)
         parts.append(with_article(phrase) if n == 1 else f"{count_word(n)} {phrase}")
     text = _join(parts) if parts else "nothing"
     return text[0].upper() + text[1:] + "."
+
+
+def description(scene: Scene, colors: bool = True) -> str:
+    """The objects, left to right, with count and colour (:func:`describe` of :func:`groups`): the text side of the
+    ViT's contrastive pretraining, which therefore learns nothing about the background."""
+    return describe(groups(scene), colors)
+
+
+def hard_negatives(scene: Scene, rng: np.random.Generator, colors: bool = True) -> list[str]:
+    """Two descriptions that are wrong about ``scene`` in one detail (NegCLIP-style hard negatives): one group's
+    class replaced by an absent class; and two groups' colours swapped (or, with a single colour, one count
+    changed; always the count without ``colors``). Colours and counts are easy to see; these negatives make the
+    contrastive task need the shapes."""
+    items = groups(scene)
+    k = int(rng.integers(len(items)))
+    absent = [c for c in CLASSES if c not in scene.classes]
+    n, col, _ = items[k]
+    shape = items[:k] + [(n, col, absent[int(rng.integers(len(absent)))])] + items[k + 1:]
+    pairs = [(i, j) for i in range(len(items)) for j in range(i + 1, len(items)) if items[i][1] != items[j][1]]
+    if pairs and colors:
+        i, j = pairs[int(rng.integers(len(pairs)))]
+        other = list(items)
+        other[i], other[j] = (items[i][0], items[j][1], items[i][2]), (items[j][0], items[i][1], items[j][2])
+    else:
+        other = list(items)
+        m = other[k][0]
+        other[k] = (1 + (m % 3), other[k][1], other[k][2])
+    return [describe(shape, colors), describe(other, colors)]
 
 
 def caption(scene: Scene) -> str:
@@ -479,14 +512,17 @@ def _caption_turn(scene, rng):
     return CAPTION_PROMPTS[k], caption(scene)
 
 
-_TURNS = ((_existence, 0.34), (_color_yn, 0.14), (_count_yn, 0.14), (_position_yn, 0.14), (_count_open, 0.08),
-          (_color_open, 0.06), (_caption_turn, 0.10))
+_TURNS = ((_existence, 0.38), (_color_yn, 0.15), (_count_yn, 0.15), (_position_yn, 0.16), (_count_open, 0.09),
+          (_color_open, 0.07))
 
 
-def training_turns(scene: Scene, rng: np.random.Generator, n: int = 6) -> list[tuple[str, str]]:
+def training_turns(scene: Scene, rng: np.random.Generator, n: int = 6, caption: bool = False) -> list[tuple[str, str]]:
     """``n`` (question, answer) turns about ``scene`` in the harness's prompt formats: POPE/MME-style yes/no questions
-    (existence with random/popular/adversarial negatives, colour, count, position), open colour/count questions and
-    captions. Yes/no questions are balanced; a question is never repeated in one conversation."""
+    (existence with random/popular/adversarial negatives, colour, count, position) and open colour/count questions,
+    yes/no balanced, no question repeated; or, with ``caption=True``, one caption turn (a conversation never holds
+    both, so no answer can be copied from a caption in the context)."""
+    if caption:
+        return [_caption_turn(scene, rng)]
     fns, w = zip(*_TURNS)
     p = np.array(w) / sum(w)
     out, seen = [], set()
