@@ -51,7 +51,7 @@ def test_tiny_model_names_and_transformers_range():
 def test_demo_data_layout_is_what_demo_data_writes(tmp_path):
     from vtoolkit.eval import demo_data as dd
 
-    data = tmp_path / "data"   # as examples/eval_sweep_demo.py writes them
+    data = tmp_path / "data"   # as the README's make_* calls write them
     dd.make_pope_json(data / "pope")
     dd.make_mme_parquet(data / "MME")
     dd.make_coco(data / "coco")

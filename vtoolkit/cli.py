@@ -146,12 +146,14 @@ def list_cmd(pattern: str = typer.Argument("*", help="glob over method names or 
 
 
 def _mount_subcommands() -> None:
+    from vtoolkit.demo import register as register_demo
     from vtoolkit.eval.cli import register as register_eval
 
     register_eval(app)
     from vtoolkit.train.cli import register as register_train
 
     register_train(app)
+    register_demo(app)
     try:
         from vtoolkit.bench.cli import register as register_bench
     except ImportError:  # pragma: no cover - bench is optional at import time

@@ -1,6 +1,7 @@
 """lmms-eval plugin: ``lmms-eval --model vtoolkit --model_args pretrained=PATH,method=fastervlm,keep_ratio=0.1``.
 
-``pretrained`` is a checkpoint path / hub id (``AutoModelForImageTextToText``) or ``tiny:<arch>`` (offline tiny model);
+``pretrained`` is a checkpoint path / hub id (``AutoModelForImageTextToText``), ``ref:shapes`` (the reference model
+shipped in the package) or ``tiny:<arch>`` (offline tiny random model);
 ``method`` a vtoolkit method name or preset YAML; every other ``--model_args`` key that is not a loader option below is
 a method option (``keep_ratio=0.1``). Loader options: ``dtype`` (auto|float16|bfloat16|float32), ``device_map``,
 ``attn_implementation``, ``max_new_tokens`` (a cap on the task's value), ``batch_size``.

@@ -10,7 +10,8 @@ fingerprint), generation settings, scoring settings, batch size and dtype. Other
 warns, naming what differs; a benchmark without a baseline run is said so too (``warnings`` of
 :func:`write_report`, also at the top of ``report.md``).
 
-Plots (matplotlib, Agg backend), one pair per benchmark: score vs visual tokens kept, score vs latency.
+Plots (matplotlib, Agg backend), one pair per benchmark: score vs visual tokens kept, score vs latency; axes name
+the metric and its unit, and each setting's label is placed where it overprints no other label or marker.
 A folder without ``metrics.json`` whose sub-folders have one (a sweep folder) is expanded.
 """
 from __future__ import annotations
@@ -185,32 +186,89 @@ MD_COLUMNS = ("run", "method", "options", "bench", "metric", "score", "delta", "
               "token_ratio", "latency_ms", "speedup", "n", "n_errors")
 
 
-def _plot(df, bench: str, x: str, xlabel: str, path: Path) -> None:
+# the unit of each benchmark's headline score, for axis labels
+_UNITS = {"pope": "0-1", "mme": "points", "chair": "fraction of captions"}
+
+
+def place_labels(ax, points, fontsize: float = 7.0) -> list:
+    """Annotate ``points`` (``[(x, y, text, color), ...]`` in data coordinates) so that no label overlaps another
+    label, a marker, the legend or the axes' edge: each label takes the first free slot of rings of candidate offsets
+    around its point, moving outwards (with a leader line once it sits away from the point). Returns the texts."""
+    fig = ax.figure
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    px = fig.dpi / 72.0
+    xy = ax.transData.transform([(p[0], p[1]) for p in points]) if points else []
+    taken = [(x - 5 * px, y - 5 * px, x + 5 * px, y + 5 * px) for x, y in xy]   # the markers
+    if ax.get_legend() is not None:
+        lb = ax.get_legend().get_window_extent(renderer)
+        taken.append((lb.x0, lb.y0, lb.x1, lb.y1))
+
+    def free(b) -> bool:
+        if b.x0 < frame.x0 or b.x1 > frame.x1 or b.y0 < frame.y0 or b.y1 > frame.y1:
+            return False
+        return all(b.x1 <= t[0] or b.x0 >= t[2] or b.y1 <= t[1] or b.y0 >= t[3] for t in taken)
+
+    angles = (30, 150, -30, -150, 90, -90, 0, 180, 60, 120, -60, -120)
+    texts = []
+    for x, y, text, color in points:
+        artist = None
+        for radius in (6, 12, 20, 30, 42, 56, 72):
+            for ang in angles:
+                dx, dy = radius * math.cos(math.radians(ang)), radius * math.sin(math.radians(ang))
+                ha = "left" if dx > 1e-6 else "right" if dx < -1e-6 else "center"
+                va = "bottom" if dy > 1e-6 else "top" if dy < -1e-6 else "center"
+                arrow = {"arrowstyle": "-", "color": color, "lw": 0.6, "alpha": 0.7} if radius > 12 else None
+                t = ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points", ha=ha, va=va,
+                                fontsize=fontsize, color=color, arrowprops=arrow)
+                b = t.get_window_extent(renderer)
+                if free(b):
+                    artist = t
+                    taken.append((b.x0 - px, b.y0 - px, b.x1 + px, b.y1 + px))
+                    break
+                t.remove()
+            if artist is not None:
+                break
+        if artist is None:  # a very crowded plot with no free slot within reach: far above, with a leader line
+            artist = ax.annotate(text, (x, y), xytext=(0, 80), textcoords="offset points", ha="center",
+                                 fontsize=fontsize, color=color,
+                                 arrowprops={"arrowstyle": "-", "color": color, "lw": 0.6})
+        texts.append(artist)
+    return texts
+
+
+def _plot(df, bench: str, x: str, xlabel: str, path: Path) -> list:
+    """Score vs ``x`` per method (lines through a method's settings, the baseline as a star); each setting is
+    labelled with its options without overprinting (:func:`place_labels`). Returns the label artists."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
     sub = df[(df["bench"] == bench) & df["score"].map(_num) & df[x].map(_num)]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    metric = sub["metric"].dropna().iloc[0] if not sub.empty and sub["metric"].notna().any() else "score"
+    fig, ax = plt.subplots(figsize=(7, 4.6))
+    labels = []
     for method, grp in sub.groupby("method", sort=False):
         grp = grp.sort_values(x)
         marker = "*" if method == "none" else "o"
-        ax.plot(grp[x], grp["score"], marker=marker, markersize=10 if method == "none" else 6,
-                linestyle="-" if len(grp) > 1 else "none", label="baseline" if method == "none" else method)
-        for _, r in grp.iterrows():
-            if r["options"] != "-":
-                ax.annotate(r["options"], (r[x], r["score"]), fontsize=7, textcoords="offset points", xytext=(3, 3))
-    metric = sub["metric"].dropna().iloc[0] if not sub.empty and sub["metric"].notna().any() else "score"
+        (line,) = ax.plot(grp[x], grp["score"], marker=marker, markersize=11 if method == "none" else 6,
+                          linestyle="-" if len(grp) > 1 else "none", label="baseline" if method == "none" else method)
+        labels += [(r[x], r["score"], r["options"], line.get_color()) for _, r in grp.iterrows() if r["options"] != "-"]
     ax.set_xlabel(xlabel)
-    ax.set_ylabel(metric)
+    unit = _UNITS.get(bench)
+    ax.set_ylabel(f"{metric} [{unit}]" if unit else metric)
     ax.set_title(f"{bench}: {metric} vs {xlabel}", fontsize=9)
     ax.grid(alpha=0.3)
+    ax.margins(x=0.15, y=0.2)
     if not sub.empty:
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="best", framealpha=0.85)
     fig.tight_layout()
+    texts = place_labels(ax, labels)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return texts
 
 
 def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> dict:
@@ -244,8 +302,8 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> dict:
         errs = sub[sub["score_error"].notna()] if "score_error" in sub else sub.iloc[0:0]
         for _, r in errs.iterrows():
             parts.append(f"\n- {r['run']}: scoring failed: {r['score_error']}\n")
-        for x, label, tag in (("visual_tokens", "visual tokens kept per sample", "tokens"),
-                              ("latency_ms", "latency per sample (ms)", "latency")):
+        for x, label, tag in (("visual_tokens", "visual tokens kept per sample [tokens]", "tokens"),
+                              ("latency_ms", "latency per sample [ms]", "latency")):
             p = out / f"{bench}_score_vs_{tag}.png"
             _plot(df, bench, x, label, p)
             plots.append(p)

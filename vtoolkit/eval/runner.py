@@ -73,8 +73,9 @@ class RunInterrupted(RuntimeError):
 def load_model(spec: str, *, dtype: str = "auto", device_map: str | None = None,
                attn_implementation: str | None = None, trust_remote_code: bool = False, seed: int = 0):
     """``tiny:<arch>`` -> :func:`vtoolkit.models.tiny.build`; anything else -> ``AutoModelForImageTextToText`` +
-    ``AutoProcessor`` from a local path or hub id (``dtype``: auto|float16|bfloat16|float32; ``device_map``: e.g.
-    ``auto``, ``cuda:0``, ``cpu``)."""
+    ``AutoProcessor`` from a local path or hub id, ``ref:shapes`` being the reference model shipped in the package
+    (:mod:`vtoolkit.models.reference`) (``dtype``: auto|float16|bfloat16|float32; ``device_map``: e.g. ``auto``,
+    ``cuda:0``, ``cpu``)."""
     import torch
 
     if spec.startswith("tiny:"):
@@ -85,6 +86,9 @@ def load_model(spec: str, *, dtype: str = "auto", device_map: str | None = None,
         return model, proc
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    from vtoolkit.models.reference import resolve as resolve_reference
+
+    spec = resolve_reference(spec)
     kwargs: dict[str, Any] = {"dtype": dtype if dtype in ("auto", None) else getattr(torch, dtype)}
     if device_map:
         kwargs["device_map"] = device_map

@@ -12,6 +12,11 @@ Variants (``variant=``)
     Maxlinn/CHAIR-metric-standalone @640c507: the same tokenizer, then ``pattern.en.singularize`` on every token.
     :func:`singularize` below is our own re-implementation of pattern's rule tables (no ``pattern`` dependency),
     quirks included ("bus" -> "bu", "glass" -> "glas", "ties" -> "ty", "tennis" -> "tenni").
+``synthetic`` -- for the synthetic scenes of :mod:`vtoolkit.data.scenes` (the reference model's benchmarks), no NLTK
+    data needed: lower-case, a regex tokenizer (words, numbers and every punctuation mark as tokens, like
+    ``word_tokenize`` on such captions), no lemmatisation (the synonym table lists singular and plural forms), no
+    double words; the default synonym table is :data:`vtoolkit.data.scenes.SYNONYMS`. Not comparable with the COCO
+    variants: it exists so that CHAIR on the synthetic benchmark runs on a fresh machine.
 
 ``caption_to_words`` (both variants), after lemmatising/singularising:
   1. greedy left-to-right merge of two-token phrases found in the double-word table ``D`` (26 identity phrases such
@@ -88,10 +93,12 @@ __all__ = [
     "singularize",
 ]
 
-Variant = Literal["opera", "original", "wordnet", "pattern"]
-CHAIR_VARIANTS: tuple = ("opera", "original")
+Variant = Literal["opera", "original", "wordnet", "pattern", "synthetic"]
+CHAIR_VARIANTS: tuple = ("opera", "original", "synthetic")
 _VARIANT_ALIASES = {"opera": "opera", "wordnet": "opera", "opera_wordnet": "opera", "original": "original",
-                    "pattern": "original", "maxlinn": "original", "maxlinn_pattern": "original"}
+                    "pattern": "original", "maxlinn": "original", "maxlinn_pattern": "original",
+                    "synthetic": "synthetic"}
+_REGEX_TOKEN = re.compile(r"[a-z0-9]+(?:'[a-z]+)?|[^\sa-z0-9]")
 
 SYNONYMS_TXT = (
     'person, girl, boy, man, woman, kid, child, chef, baker, people, adult, rider, children, baby, '
@@ -591,21 +598,30 @@ class CHAIR:
     def __init__(self, variant: Variant = "opera", *, synonyms=None, double_words: Mapping[str, str] | None = None,
                  nltk_compat: Literal["3.9", "installed"] = "3.9"):
         if variant not in _VARIANT_ALIASES:
-            raise ValueError(f"unknown CHAIR variant {variant!r}; choose 'opera' (NLTK WordNet, OPERA/HALC/lmms-eval) "
-                             f"or 'original' (pattern singularize, Rohrbach et al. / Maxlinn)")
+            raise ValueError(f"unknown CHAIR variant {variant!r}; choose 'opera' (NLTK WordNet, OPERA/HALC/lmms-eval), "
+                             f"'original' (pattern singularize, Rohrbach et al. / Maxlinn) or 'synthetic' (regex "
+                             f"tokens, the synthetic scenes' vocabulary, no NLTK)")
         self.variant = _VARIANT_ALIASES[variant]
         self.nltk_compat = nltk_compat
+        if self.variant == "synthetic":
+            from vtoolkit.data.scenes import SYNONYMS
+
+            synonyms = SYNONYMS if synonyms is None else synonyms
+            double_words = {} if double_words is None else double_words
         rows = parse_synonyms(synonyms)
         self.synonym_rows = rows
         self.objects: frozenset[str] = frozenset(s for r in rows for s in r)
         self.inverse: dict[str, str] = {s: r[0] for r in rows for s in r}
         self.node_words: tuple[str, ...] = tuple(dict.fromkeys(r[0] for r in rows))
         self.double_words: dict[str, str] = dict(default_double_words() if double_words is None else double_words)
-        self._nltk = _backend(nltk_compat, self.variant == "opera")
+        self._nltk = None if self.variant == "synthetic" else _backend(nltk_compat, self.variant == "opera")
 
     # -- words
     def lemmas(self, caption: str) -> list[str]:
-        """Lower-case, tokenize, then lemmatise (opera) or singularise (original) every token."""
+        """Lower-case, tokenize, then lemmatise (opera) or singularise (original) every token; ``synthetic``: the
+        regex tokens unchanged."""
+        if self.variant == "synthetic":
+            return _REGEX_TOKEN.findall(caption.lower())
         tokens = self._nltk.tokenize(caption.lower())
         if self.variant == "opera":
             return self._nltk.lemmatize_tagged(tokens)
