@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 import vtoolkit as vt
@@ -125,6 +126,11 @@ def test_shipped_sweeps_pass_the_sweep_checks(tmp_path, path):
     from vtoolkit.eval import demo_data as dd
     from vtoolkit.eval.sweep import check_sweep, load_sweep
 
-    pope = dd.make_pope_json(tmp_path / "pope", n_images=1)
-    spec = load_sweep(path, overrides={"model": "tiny:llava", "data": {"pope": str(pope)}})
+    data = {"pope": str(dd.make_pope_json(tmp_path / "pope", n_images=1))}
+    benches = yaml.safe_load(path.read_text()).get("benchmarks", [])
+    if "mme" in benches:
+        data["mme"] = str(dd.make_mme_parquet(tmp_path / "MME", n_images=1))
+    if "chair" in benches:
+        data["chair"] = str(dd.make_coco(tmp_path / "coco", n_images=1))
+    spec = load_sweep(path, overrides={"model": "tiny:llava", "data": data})
     assert check_sweep(spec, path)[0] == ("none", {}, {})

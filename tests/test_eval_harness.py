@@ -372,3 +372,16 @@ def test_missing_and_malformed_files_are_one_line(tmp_path, pope, tiny):
         assert res.exit_code == 2, (args, res.output)
         assert len(error_lines(res)) == 1 and error_lines(res)[0].startswith(message), (args, res.output)
     assert tiny.n == 0
+
+
+def test_reference_model_name_and_synthetic_chair_rule_pass_validation():
+    from vtoolkit.config import ConfigError
+    from vtoolkit.eval.protocol import Protocol
+    from vtoolkit.eval.validate import check_model
+
+    assert check_model("ref:shapes") == "llava"
+    with pytest.raises(ConfigError, match="ref:shapes"):
+        check_model("ref:nope")
+    Protocol(bench="chair", scorer_rule="synthetic").check()
+    with pytest.raises(ConfigError, match="scorer_rule"):
+        Protocol(bench="pope", scorer_rule="synthetic").check()

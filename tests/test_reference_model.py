@@ -111,3 +111,16 @@ def test_lmms_eval_plugin_accepts_the_reference_name():
     lmm = VToolkitLMM(pretrained="ref:shapes", method="fastervlm", keep_ratio=0.25)
     assert type(lmm.model).__name__ == "LlavaForConditionalGeneration" and lmm.handle.names == ["fastervlm"]
     lmm.handle.remove()
+
+
+def test_dyvte_runs_out_of_the_box_with_the_routers_shipped_for_it(ref, data, tmp_path_factory, baseline):
+    from vtoolkit.methods.dyvte import shipped_routers
+    from vtoolkit.models import get_adapter
+
+    assert shipped_routers(get_adapter(ref[0])) is not None
+    dy = _eval(ref, data, tmp_path_factory, ["pope"], "dyvte")["pope"]
+    base = sum(_pope_acc(baseline).values()) / 3
+    # measured on this subset: most prompts exit early (about 12 of 64 visual tokens left on average), accuracy
+    # within a point of the baseline
+    assert dy["visual_tokens_after"] < 0.5 * baseline["pope"]["visual_tokens_after"], dy["visual_tokens_after"]
+    assert sum(_pope_acc({"pope": dy}).values()) / 3 >= base - 0.03

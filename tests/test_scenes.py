@@ -73,8 +73,11 @@ def test_training_turns_use_the_harness_prompt_formats():
     turns = [t for i in range(200) for t in S.training_turns(S.make_scene(0, i), rng)]
     answers = Counter(a for _, a in turns)
     assert 0.4 < answers["Yes"] / (answers["Yes"] + answers["No"]) < 0.6
-    assert any(q == "Please describe this image in detail." for q, _ in turns)
-    assert all(q.endswith((LLAVA_SHORT_ANSWER, MME_SUFFIX)) or q in S.CAPTION_PROMPTS for q, _ in turns)
+    assert all(q.endswith((LLAVA_SHORT_ANSWER, MME_SUFFIX)) for q, _ in turns)
+    caps = [S.training_turns(S.make_scene(0, i), rng, caption=True) for i in range(50)]
+    assert all(len(c) == 1 and c[0][0] in S.CAPTION_PROMPTS for c in caps)   # a caption is a conversation of its own
+    assert any(c[0][0] == "Please describe this image in detail." for c in caps)
+    assert caps[0][0][1] == S.caption(S.make_scene(0, 0))
 
 
 # ------------------------------------------------------------------------------------------------ POPE rules

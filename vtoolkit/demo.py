@@ -5,7 +5,8 @@ What it does, offline (no download, no NLTK data):
 1. writes held-out synthetic POPE / MME / CHAIR benchmarks (:mod:`vtoolkit.data.synthetic`) into ``OUT/data``;
 2. loads the reference model ``ref:shapes`` (:mod:`vtoolkit.models.reference`) once;
 3. evaluates the settings of :func:`demo_settings` -- the baseline, FasterVLM and random pruning at keep 25 / 10 /
-   5 %, FastV at its official defaults, and every registered ``mitigate`` method that supports LLaVA (with
+   5 %, FastV at its official defaults, every other registered pruning method (DyVTE, with the routers shipped for
+   the reference model) and every registered ``mitigate`` method that supports LLaVA (with
    :data:`MITIGATION_OPTIONS` or its config defaults) -- each into ``OUT/runs/<setting>`` with the harness
    (:func:`vtoolkit.eval.runner.evaluate`; a finished run is only re-scored, an interrupted one resumed);
 4. prints the comparison table (``OUT/table.md``, ``OUT/table.csv``) and writes the report with its plots
@@ -13,7 +14,8 @@ What it does, offline (no download, no NLTK data):
 
 A setting that fails (applying the method raises, a sample errors, a benchmark cannot be scored) becomes an error
 row in the table and makes :func:`run_demo` report ``ok = False`` (``vtoolkit demo`` then exits with status 1);
-it never disappears silently.
+it never disappears silently. A method listed in :data:`NOT_APPLICABLE` (VAR: the reference model has no
+massive-activation dims) is not run; its row says why.
 
 The latency column is the per-sample generation time of POPE + MME (one-word answers: mostly prefill) divided by
 the baseline's, measured in the same process; on a shared CPU it varies by about +-10 %.
@@ -28,7 +30,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["FULL", "MITIGATION_OPTIONS", "QUICK", "comparison_table", "demo_settings", "run_demo"]
+__all__ = ["FULL", "MITIGATION_OPTIONS", "NOT_APPLICABLE", "QUICK", "comparison_table", "demo_settings", "run_demo"]
 
 MODEL = "ref:shapes"
 FULL = {"pope_images": 30, "mme_images": 15, "chair_images": 40}
@@ -36,6 +38,12 @@ QUICK = {"pope_images": 4, "mme_images": 2, "chair_images": 4}
 KEEP_RATIOS = (0.25, 0.10, 0.05)
 # demo setting of a mitigation method, where its config defaults do not suit a 4-layer LLM; empty: defaults
 MITIGATION_OPTIONS: dict[str, dict[str, Any]] = {}
+# registered methods that cannot run on the reference model, with the measured reason: a row that says so (not run,
+# not a failure). Anything else that raises is an error row and fails the demo.
+NOT_APPLICABLE: dict[str, str] = {
+    "var": "n/a: ref:shapes has no massive-activation dims (discover_sink_dims: none at tau 6-20, peak normalised "
+           "magnitude 5.9), so there are no visual sinks to redistribute",
+}
 
 
 def demo_settings() -> list[tuple[str, dict]]:
@@ -47,10 +55,12 @@ def demo_settings() -> list[tuple[str, dict]]:
     settings += [("fastervlm", {"keep_ratio": r}) for r in KEEP_RATIOS]
     settings += [("random", {"keep_ratio": r}) for r in KEEP_RATIOS]
     settings.append(("fastv", {}))
-    for row in vt.list_methods():
-        archs = row["architectures"]
-        if row["kind"] == "mitigate" and ("llava" in archs or "*" in archs):
-            settings.append((row["name"], dict(MITIGATION_OPTIONS.get(row["name"], {}))))
+    listed = {m for m, _ in settings}
+    rows = [r for r in vt.list_methods() if r["name"] not in listed and r["kind"] in ("prune", "mitigate")
+            and ("llava" in r["architectures"] or "*" in r["architectures"])]
+    # other pruning methods (DyVTE: with the routers shipped for the reference model), then every mitigation method
+    for kind in ("prune", "mitigate"):
+        settings += [(r["name"], dict(MITIGATION_OPTIONS.get(r["name"], {}))) for r in rows if r["kind"] == kind]
     return settings
 
 
@@ -104,7 +114,7 @@ COLUMNS = (("setting", "setting", "{}"), ("visual_tokens", "visual tokens", "{:.
            ("mme_existence", "MME exist", "{:.0f}"), ("mme_count", "MME count", "{:.0f}"),
            ("mme_position", "MME pos", "{:.0f}"), ("mme_color", "MME color", "{:.0f}"),
            ("mme_total", "MME total", "{:.0f}"), ("chair_s", "CHAIRs %", "{:.1f}"), ("chair_i", "CHAIRi %", "{:.1f}"),
-           ("latency_ratio", "latency x base", "{:.2f}"), ("error", "error", "{}"))
+           ("latency_ratio", "latency x base", "{:.2f}"), ("error", "error / note", "{}"))
 
 
 def comparison_table(rows: Sequence[Mapping]) -> tuple[str, list[dict]]:
@@ -120,7 +130,7 @@ def comparison_table(rows: Sequence[Mapping]) -> tuple[str, list[dict]]:
     for r in out:
         cells = []
         for key, _, fmt in COLUMNS:
-            v = r.get(key)
+            v = r.get(key) if key != "error" else (r.get("error") or r.get("note"))
             if _num(v):
                 cells.append(fmt.format(100 * v if key in ("chair_s", "chair_i") else v))
             elif isinstance(v, str):
@@ -154,6 +164,9 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, batch_size: 
         bar.set_postfix_str(_label(method, options))
         run_dir = out / "runs" / _dirname(method, options)
         metrics, error, kind = None, None, "-"
+        if method in NOT_APPLICABLE:
+            rows.append({**_row(method, options, get_method(method).kind, None, None), "note": NOT_APPLICABLE[method]})
+            continue
         try:
             kind = get_method(method).kind
             cfg = resolve_config(model=MODEL, method=method, method_options=options, benchmarks=list(data),

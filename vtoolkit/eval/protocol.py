@@ -37,7 +37,7 @@ MME_SUFFIX = " Please answer yes or no."
 SCORING_FIELDS = ("scorer_rule", "zero_division", "source")
 RULES = {"pope": ("official", "opera", "vcd", "lmms_eval", "vlmevalkit"),
          "mme": ("official", "lmms_eval", "vlmevalkit"),
-         "chair": ("wordnet", "pattern", "opera", "original")}
+         "chair": ("wordnet", "pattern", "opera", "original", "synthetic")}   # synthetic: vtoolkit.data.synthetic
 
 
 @dataclass(frozen=True)

@@ -134,7 +134,14 @@ def check_model(model: Any, name: str = "model") -> str | None:
     not); ConfigError for a model that cannot load: an unknown ``tiny:`` name, a missing local folder, a hub id
     that is not in the local cache while ``HF_HUB_OFFLINE=1``."""
     if not isinstance(model, str) or not model.strip():
-        raise ConfigError(f"{name} must be a checkpoint path, a hub id or tiny:ARCH, got {model!r}")
+        raise ConfigError(f"{name} must be a checkpoint path, a hub id, tiny:ARCH or ref:shapes, got {model!r}")
+    from vtoolkit.models import reference
+
+    if reference.is_reference(model):
+        try:
+            model = reference.resolve(model)   # the package folder of ref:shapes, checked like any local folder
+        except (ValueError, FileNotFoundError) as e:
+            raise ConfigError(f"{name}: {e}") from None
     if model.startswith("tiny:"):
         from vtoolkit.models.tiny import ARCHS
 
