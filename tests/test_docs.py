@@ -69,7 +69,7 @@ def test_measured_section_is_dated_and_runs_the_bench_command(monkeypatch):
     text = section("Measured")
     assert "2026-11-22" in text and "issue" not in text.lower()
     commands = re.findall(r"^vtoolkit bench .*$", text, flags=re.M)
-    assert len(commands) == 3
+    assert len(commands) == 4
 
     class Built(Exception):
         pass
