@@ -87,6 +87,7 @@ def test_outliers_and_contrast_stream_equal_explicit_calls_llava():
         first = model(**batch).logits[:, -1]
         out = model.generate(**batch, max_new_tokens=steps, do_sample=False)
         (kept,) = h.stats["outlier_indices"][0]
+        assert not h.methods[0]._batched_prefill       # a shorter contrast prompt: nested prefill + cache join
     assert torch.equal(kept, _eager_cls_topk(model, adapter, batch["pixel_values"], k)[0])
     full_emb, c_emb = _outlier_only_llava(model, adapter, batch, kept)
     lm, head = model.model.language_model, model.lm_head
@@ -141,6 +142,7 @@ def test_vcd_contrast_stream_sees_the_noised_image():
     alpha, beta = 1.0, 0.1
     with vt.apply_method(model, "vcd", alpha=alpha, beta=beta, noise_step=400) as h:
         got = model(**batch).logits[:, -1]
+        assert h.methods[0]._batched_prefill           # the same shape as the main prompt: one forward of 2B rows
         noised = h.methods[0].noised_pixels(batch)
     assert not torch.equal(noised, batch["pixel_values"])
     full = model(**batch).logits[:, -1]

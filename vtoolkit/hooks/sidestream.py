@@ -177,6 +177,69 @@ class SideStream:
         base = self.valid.long().sum(-1, keepdim=True) + (self._length - self.valid.shape[1])
         return base + torch.arange(q, device=self.valid.device)
 
+    def widen_prefill(self, kwargs: dict, main_cache) -> dict | None:
+        """Prefill as ONE batched forward: the language model's keyword arguments for main + side rows (``2B``), when
+        the side prompt has the main prompt's shape (VCD: the same prompt with a noised image) and the main call
+        starts from an empty cache; the forward then writes the joined cache itself (no :meth:`join` copy). Returns
+        None when that does not hold (the caller then uses :meth:`prefill` + :meth:`join`). After the forward,
+        :meth:`split_prefill` takes the side rows off its output."""
+        emb, pos, mask = kwargs.get("inputs_embeds"), kwargs.get("position_ids"), kwargs.get("attention_mask")
+        if (emb is None or pos is None or main_cache is None or main_cache.get_seq_length() != 0
+                or tuple(self.embeds.shape) != tuple(emb.shape) or (mask is not None and mask.dim() != 2)):
+            return None
+        B, L = emb.shape[:2]
+        for k, v in kwargs.items():   # any other per-row input would need widening too: use the nested path
+            if (torch.is_tensor(v) and v.dim() and v.shape[0] == B
+                    and k not in ("inputs_embeds", "position_ids", "attention_mask", "cache_position")):
+                return None
+        dev = emb.device
+        side_pos = self._lm_positions(self.positions).to(dev)
+        if pos.dim() == 3 and side_pos.dim() == 3:
+            if pos.shape[0] == 3 and side_pos.shape[0] == 4:
+                side_pos = side_pos[1:]
+            if pos.shape[0] != side_pos.shape[0]:
+                return None
+            positions = torch.cat([pos, side_pos.to(pos.dtype)], 1)
+        elif pos.dim() == 2 and side_pos.dim() == 2:
+            positions = torch.cat([pos, side_pos.to(pos.dtype)], 0)
+        else:
+            return None
+        main_mask = mask.to(dev) if mask is not None else torch.ones(B, L, dtype=torch.long, device=dev)
+        kw = dict(kwargs)
+        kw["inputs_embeds"] = torch.cat([emb, self.embeds.to(device=dev, dtype=emb.dtype)], 0)
+        kw["attention_mask"] = torch.cat([main_mask, self.valid.to(dev).to(main_mask.dtype)], 0)
+        kw["position_ids"] = positions
+        self.main_pad = self.side_pad = 0
+        self._main_rows = B
+        self._length = L
+        self._follow_reorder(main_cache)
+        return kw
+
+    def split_prefill(self, output) -> torch.Tensor:
+        """After a :meth:`widen_prefill` forward: keep the main rows in ``output`` (in place: last hidden state,
+        hidden states, attentions) and return the side rows' last-position final hidden state ``[B, D]``."""
+        B = self._main_rows
+        if isinstance(output, tuple):
+            raise NotImplementedError(f"{self.owner}: a language model that returns tuples at the prefill")
+        h = output.last_hidden_state
+        side_last = h[B:, -1]
+        output.last_hidden_state = h[:B]
+        for name in ("hidden_states", "attentions"):
+            v = getattr(output, name, None)
+            if v is not None:
+                setattr(output, name, tuple(t[:B] if torch.is_tensor(t) and t.shape[0] == 2 * B else t for t in v))
+        return side_last
+
+    def _follow_reorder(self, main_cache) -> None:
+        """Beam search reorders the joined cache with indices of the main rows; the side rows follow their sample."""
+        B = self._main_rows
+        original = main_cache.reorder_cache
+
+        def reorder_cache(beam_idx: torch.Tensor):
+            return original(torch.cat([beam_idx, beam_idx.to(torch.long) + B]))
+
+        main_cache.reorder_cache = reorder_cache
+
     def join(self, main_cache) -> None:
         """Append this stream's cache to ``main_cache`` as ``B`` extra rows, left-padding the shorter of the two
         (the padding is masked by :meth:`widen`), so decode steps run both streams as one batch."""
@@ -191,12 +254,7 @@ class SideStream:
             set_cache_layer_tensors(main_cache, i, k, v)
         self.cache = None
         self._main_rows = B
-        original = main_cache.reorder_cache
-
-        def reorder_cache(beam_idx: torch.Tensor):   # beams reorder main rows; side rows follow their sample
-            return original(torch.cat([beam_idx, beam_idx.to(torch.long) + B]))
-
-        main_cache.reorder_cache = reorder_cache
+        self._follow_reorder(main_cache)
 
     def widen(self, kwargs: dict, main_cache) -> dict:
         """Decode step: the language model's keyword arguments for main + side rows (``2B``)."""

@@ -20,10 +20,12 @@ Logits processors (``processors=``):
   warning naming it.
 - ``"standard"``: generate applies its processors after the contrast, as the VCD release does.
 
-How it runs (:mod:`vtoolkit.hooks.sidestream`, own cache + batched decode): at the prefill a language-model pre-hook
-builds the contrast rows from the call's inputs (:meth:`ContrastiveDecoding.contrast_rows`), prefills them in one
-nested call with their own cache and keeps their last-position logits; when the main prefill is done its cache gets
-the contrast rows appended, and every decode step runs both streams as one batch of ``2B`` rows; a forward hook on
+How it runs (:mod:`vtoolkit.hooks.sidestream`): at the prefill a language-model pre-hook builds the contrast rows from
+the call's inputs (:meth:`ContrastiveDecoding.contrast_rows`). When they have the main prompt's shape (VCD: the same
+prompt with a noised image) both streams are prefilled as ONE forward of ``2B`` rows that writes the joined cache
+itself; otherwise (DAMRO's short outlier prompt, a pruned main stream) the contrast rows are prefilled in one nested
+call with their own cache, which is appended to the main cache when the main prefill is done. Either way every
+decode step runs both streams as one batch of ``2B`` rows; a forward hook on
 the LM head combines the two halves and hands ``generate`` the ``B`` contrasted rows. ``generate(use_cache=False)``
 re-runs the contrast prompt plus the tokens generated so far at every step (same tokens as the cached run).
 
@@ -87,6 +89,7 @@ class ContrastiveDecoding(Method):
         a = self.adapter
         self.side: SideStream | None = None
         self._side_logits = None
+        self._batched_prefill = False
         hooks.forward_pre(a.language_model, self._lm_pre, with_kwargs=True)
         hooks.forward(a.language_model, self._lm_post)
         hooks.forward(a.lm_head, self._combine)
@@ -160,9 +163,12 @@ class ContrastiveDecoding(Method):
             embeds, valid, positions = self._with_generated(ctx, embeds, valid, positions)
             self.side = SideStream(self.adapter, self.name)
             self.side.set_rows(embeds, valid, positions)
-            h_last = self.side.prefill()
-            self._side_logits = self._head(h_last)
             ctx.mark(f"{self.name}:contrast")
+            widened = self.side.widen_prefill(kwargs, get_cache(kwargs))
+            self._batched_prefill = widened is not None
+            if self._batched_prefill:      # same shape as the main prompt (VCD): one batched forward of 2B rows
+                return (), widened
+            self._side_logits = self._head(self.side.prefill())   # else a nested call with its own cache
             return None
         if self.side is None or self.side.cache is not None:
             return None
@@ -186,6 +192,9 @@ class ContrastiveDecoding(Method):
     def _lm_post(self, module, args, output):
         if in_side_stream(self.adapter.model) or not self.ctx.is_prefill or self.side is None:
             return None
+        if self._batched_prefill:
+            self._side_logits = self._head(self.side.split_prefill(output))
+            return output
         cache = output_cache(output)
         if cache is not None:
             self.side.join(cache)
