@@ -141,9 +141,12 @@ def test_vcd_contrast_stream_sees_the_noised_image():
     batch = sample_batch("llava", n=1)
     alpha, beta = 1.0, 0.1
     with vt.apply_method(model, "vcd", alpha=alpha, beta=beta, noise_step=400) as h:
-        got = model(**batch).logits[:, -1]
-        assert h.methods[0]._batched_prefill           # the same shape as the main prompt: one forward of 2B rows
+        got = model(**batch).logits[:, -1]             # a plain forward: the language model makes its cache itself,
+        assert not h.methods[0]._batched_prefill       # so the contrast rows take the nested prefill
         noised = h.methods[0].noised_pixels(batch)
+        gen = model.generate(**batch, max_new_tokens=1, do_sample=False, output_logits=True, return_dict_in_generate=True)
+        assert h.methods[0]._batched_prefill           # generate passes a cache: one forward of 2B rows
+        assert torch.allclose(gen.logits[0], got, atol=1e-4)   # both prefill paths give the same contrasted logits
     assert not torch.equal(noised, batch["pixel_values"])
     full = model(**batch).logits[:, -1]
     contrast = model(**{**batch, "pixel_values": noised}).logits[:, -1]
