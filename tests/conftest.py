@@ -1,4 +1,6 @@
 """Shared test setup: offline, deterministic, fp32 on CPU, tiny models cached per session."""
+import contextlib
+import importlib.util
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -6,7 +8,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from pathlib import Path  # noqa: E402
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
 os.environ.setdefault("NLTK_DATA", str(SHARED_DATA / "nltk_data"))
 
 import pytest  # noqa: E402
@@ -106,3 +109,51 @@ def assert_same_continuation(batched: torch.Tensor, single: torch.Tensor, pad_id
     assert batched.numel() >= n, what
     assert torch.equal(batched[:n], single), f"{what}: {batched.tolist()} != {single.tolist()}"
     assert bool((batched[n:] == pad_id).all()), f"{what}: tokens after the single run stopped: {batched.tolist()}"
+
+
+@contextlib.contextmanager
+def attn_implementation(config, impl: str):
+    """Run the block with ``config._attn_implementation = impl``; the previous value comes back afterwards."""
+    old = config._attn_implementation
+    config._attn_implementation = impl
+    try:
+        yield
+    finally:
+        config._attn_implementation = old
+
+
+def load_example(name: str):
+    """``examples/<name>.py`` imported as a module (the scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "examples" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def layer0_inputs(model, adapter, inputs) -> tuple[torch.Tensor, tuple]:
+    """The hidden states and position embeddings the first decoder layer receives in a stock forward of ``inputs``."""
+    got = {}
+
+    def grab(m, args, kwargs):
+        got["hidden"] = (args[0] if args else kwargs["hidden_states"]).clone()
+        got["pe"] = kwargs["position_embeddings"]
+
+    hk = adapter.decoder_layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        model(**inputs, use_cache=False)
+    finally:
+        hk.remove()
+    return got["hidden"], got["pe"]
+
+
+def pruned_llava_embeds(model, adapter, batch, kept) -> tuple[torch.Tensor, torch.Tensor]:
+    """The LLM input a pre-LLM pruner builds for one LLaVA-1.5 sample, by hand: merged embeddings with only the
+    visual rows ``kept`` (indices within the image's tokens) left; returns ``(embeds [1, L', D], visual [1, L'])``."""
+    ids = batch["input_ids"]
+    emb = model.get_input_embeddings()(ids)
+    feats = torch.cat(model.model.get_image_features(pixel_values=batch["pixel_values"]).pooler_output)
+    img = ids == adapter.image_token_id
+    emb = emb.masked_scatter(img[..., None], feats)
+    keep = ~img[0]
+    keep[img[0].nonzero().flatten()[kept]] = True
+    return emb[:, keep], img[:, keep]

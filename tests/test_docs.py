@@ -2,7 +2,6 @@
 and transformers range are the real ones, the demo data layout is what demo_data writes, the measured command is a
 valid `vtoolkit bench` call, nothing points outside the repository, the quickstart refuses unsupported combinations
 and the shipped sweeps pass the sweep checks."""
-import importlib.util
 import re
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import yaml
 from typer.testing import CliRunner
 
 import vtoolkit as vt
+from conftest import load_example
 from vtoolkit.cli import app
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,10 +93,7 @@ def test_nothing_points_outside_the_repository():
 
 
 def _quickstart():
-    spec = importlib.util.spec_from_file_location("quickstart", REPO / "examples" / "quickstart.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_example("quickstart")
 
 
 def test_quickstart_refuses_an_unsupported_architecture_before_building(monkeypatch, capsys):

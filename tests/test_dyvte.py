@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import vtoolkit as vt
-from conftest import assert_same_continuation, sample_batch, tiny_model
+from conftest import assert_same_continuation, attn_implementation, layer0_inputs, sample_batch, tiny_model
 from vtoolkit.bench.flops import llm_layer_flops
 from vtoolkit.compat import cache_layer_kv, output_cache
 from vtoolkit.config import ConfigError
@@ -60,25 +60,12 @@ def test_always_keep_router_is_the_baseline(arch):
 
 
 # ----------------------------------------------------------------------------------------------- exit_layer=k
-def _layer0_inputs(model, adapter, inputs):
-    got = {}
-
-    def grab(m, args, kwargs):
-        got["hidden"] = (args[0] if args else kwargs["hidden_states"]).clone()
-        got["pe"] = kwargs["position_embeddings"]
-
-    hk = adapter.decoder_layers[0].register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        model(**inputs, use_cache=False)
-    finally:
-        hk.remove()
-    return got["hidden"], got["pe"]
 
 
 def _reference_logits(model, adapter, inputs, k):
     """Independent DyVTE with a fixed exit: layers 0..k on every position, layers k+1.. on the text positions only
     with their original rotary embeddings (M-RoPE included); causal attention, no cache, batch 1."""
-    h, pe = _layer0_inputs(model, adapter, inputs)
+    h, pe = layer0_inputs(model, adapter, inputs)
     keep = inputs["input_ids"][0] != adapter.image_token_id
     for i, layer in enumerate(adapter.decoder_layers):
         if i == k + 1:
@@ -227,14 +214,10 @@ def test_beam_search_with_per_sample_exits_equals_singles():
 def test_eager_llm_masks_with_per_sample_exits():
     model, proc, adapter = tiny_model("llava")
     batch = sample_batch("llava", n=3)
-    tc = model.config.text_config
-    tc._attn_implementation = "eager"
-    try:
+    with attn_implementation(model.config.text_config, "eager"):
         with vt.apply_method(model, "dyvte", routers=ScriptedRouters(model, (2, 0, 1))):
             cached = model.generate(**batch, **GEN)
             assert torch.equal(cached, model.generate(**batch, **GEN, use_cache=False))
-    finally:
-        tc._attn_implementation = "sdpa"
     with vt.apply_method(model, "dyvte", routers=ScriptedRouters(model, (2, 0, 1))):
         assert torch.equal(cached, model.generate(**batch, **GEN))
 
@@ -316,13 +299,9 @@ def test_dyvte_errors(tmp_path):
         vt.apply_method(model, "dyvte", routers=always_keep(qwen))
     with pytest.raises(ValueError, match="both prune visual tokens"):
         vt.apply_method(model, [("dyvte", {"exit_layer": 1}), ("fastv", {})])
-    tc = model.config.text_config
-    tc._attn_implementation = "flash_attention_2"
-    try:
+    with attn_implementation(model.config.text_config, "flash_attention_2"):
         with pytest.raises(ValueError, match="needs 'sdpa' or 'eager'"):
             vt.apply_method(model, "dyvte", exit_layer=1)
-    finally:
-        tc._attn_implementation = "sdpa"
     assert vt.active_handles(model) == [] and vt.active_handles(qwen) == []
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import vtoolkit as vt
-from conftest import sample_batch, tiny_model
+from conftest import load_example, sample_batch, tiny_model
 from vtoolkit.config import ConfigError
 from vtoolkit.methods.dyvte import DyVTERouters
 from vtoolkit.models.tiny import TinySpec, build, demo_image
@@ -251,12 +251,7 @@ def test_two_process_data_parallel(tmp_path):
 
 
 def _example():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("train_dyvte_routers", REPO / "examples" / "train_dyvte_routers.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_example("train_dyvte_routers")
 
 
 def test_example_script_trains_and_runs(tmp_path, capsys):

@@ -4,7 +4,7 @@ import torch
 
 import vtoolkit as vt
 import vtoolkit.methods.fastv as fastv_mod
-from conftest import assert_same_continuation, sample_batch, tiny_model
+from conftest import assert_same_continuation, attn_implementation, sample_batch, tiny_model
 from vtoolkit.hooks import count_hooks
 
 GEN = dict(max_new_tokens=4, do_sample=False)
@@ -93,13 +93,9 @@ def test_fastv_errors():
     with vt.apply_method(model, "random"):
         with pytest.raises(ValueError, match="both prune visual tokens"):
             vt.apply_method(model, "fastv")
-    tc = model.config.text_config
-    tc._attn_implementation = "flash_attention_2"
-    try:
+    with attn_implementation(model.config.text_config, "flash_attention_2"):
         with pytest.raises(ValueError, match="needs 'sdpa' or 'eager'"):
             vt.apply_method(model, "fastv")
-    finally:
-        tc._attn_implementation = "sdpa"
     assert vt.active_handles(model) == []
 
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import vtoolkit as vt
-from conftest import assert_same_continuation, sample_batch, tiny_model
+from conftest import assert_same_continuation, attn_implementation, sample_batch, tiny_model
 from vtoolkit.hooks import count_hooks
 
 GEN = dict(max_new_tokens=5, do_sample=False)
@@ -96,16 +96,11 @@ def test_kept_indices_match_eager_cls_attention(arch_):
     with vt.apply_method(model, "fastervlm", keep_tokens=t) as h:
         model.generate(**batch, max_new_tokens=1)
         kept = h.stats["kept_indices"]
-    vc = model.config.vision_config
-    old = vc._attn_implementation
-    vc._attn_implementation = "eager"
-    try:
+    with attn_implementation(model.config.vision_config, "eager"):
         pv = batch["pixel_values"]
         if pv.dim() == 5:  # NeXT: crops of image 0 only; the base crop is never unpadded
             pv = pv[0]
         att = model.model.vision_tower(pv, output_attentions=True).attentions
-    finally:
-        vc._attn_implementation = old
     layer = adapter.vision_feature_layer()
     cls = att[layer][:, :, 0, 1:].mean(1)            # [crops, N]
     expected = torch.topk(cls[0], t).indices.sort().values
@@ -280,14 +275,9 @@ def test_qwen_kept_indices_match_eager_received_attention(arch_):
         return out, w
 
     AttentionInterface.register("vtk_test_capture", capture)
-    vc = model.config.vision_config
-    old = vc._attn_implementation
-    vc._attn_implementation = "vtk_test_capture"
-    try:
+    with attn_implementation(model.config.vision_config, "vtk_test_capture"):
         grid = batch["image_grid_thw"]
         model.model.visual(batch["pixel_values"], grid_thw=grid)
-    finally:
-        vc._attn_implementation = old
     received = torch.cat([w.mean(1).mean(0) for w in probs])          # per patch, ViT (window) order
     merged = received.view(-1, adapter.merge_size ** 2).mean(-1)
     if arch_ == "qwen2_5_vl":

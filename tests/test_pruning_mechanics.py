@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import vtoolkit as vt
-from conftest import ARCHS, assert_same_continuation, sample_batch, tiny_model
+from conftest import ARCHS, assert_same_continuation, pruned_llava_embeds, sample_batch, tiny_model
 from vtoolkit import compat
 from vtoolkit.hooks.sequence import force_rewrite
 from vtoolkit.models.tiny import demo_image
@@ -201,14 +201,8 @@ def test_stacked_handles_removed_in_any_order(order, second_identity):
 # 6 ----------------------------------------------------------------------------------------------------------------
 def _pruned_llava_inputs(model, adapter, batch, kept):
     """The LLM input FasterVLM builds, by hand: merged embeddings, kept visual rows, contiguous positions."""
-    ids = batch["input_ids"]
-    emb = model.get_input_embeddings()(ids)
-    feats = torch.cat(model.model.get_image_features(pixel_values=batch["pixel_values"]).pooler_output)
-    img = ids == adapter.image_token_id
-    emb = emb.masked_scatter(img[..., None], feats)
-    keep = ~img[0]
-    keep[img[0].nonzero().flatten()[kept]] = True
-    return emb[:, keep], torch.ones(1, int(keep.sum()), dtype=torch.long)
+    emb, _ = pruned_llava_embeds(model, adapter, batch, kept)
+    return emb, torch.ones(1, emb.shape[1], dtype=torch.long)
 
 
 @torch.no_grad()

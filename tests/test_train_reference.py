@@ -1,19 +1,14 @@
 """examples/train_reference.py (the recipe of the shipped reference model) runs end to end on the CPU at toy size:
 both stages, checkpoints, resume, and an export that reloads to identical logits (checked by the script itself)."""
-import importlib.util
 import json
-from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import load_example
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("train_reference", REPO / "examples" / "train_reference.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_example("train_reference")
 
 
 def test_train_reference_runs_checkpoints_resumes_and_exports(tmp_path, capsys):

@@ -12,7 +12,7 @@ import torch
 
 import vtoolkit as vt
 import vtoolkit.methods.var as var_mod
-from conftest import ARCHS, assert_same_continuation, sample_batch, tiny_model
+from conftest import ARCHS, assert_same_continuation, layer0_inputs, pruned_llava_embeds, sample_batch, tiny_model
 from vtoolkit.hooks.sequence import force_rewrite
 from vtoolkit.models.tiny import demo_image
 
@@ -427,15 +427,6 @@ def test_fastervlm_keep_all_plus_var_equals_var_alone(arch):
         assert h.stats["var"]["sinks"] == stats["sinks"]
 
 
-def _pruned_llava(model, adapter, batch, kept):
-    ids = batch["input_ids"]
-    emb = model.get_input_embeddings()(ids)
-    feats = torch.cat(model.model.get_image_features(pixel_values=batch["pixel_values"]).pooler_output)
-    img = ids == adapter.image_token_id
-    emb = emb.masked_scatter(img[..., None], feats)
-    keep = ~img[0]
-    keep[img[0].nonzero().flatten()[kept]] = True
-    return emb[:, keep], img[:, keep]
 
 
 @torch.no_grad()
@@ -446,7 +437,7 @@ def test_var_runs_on_the_sequence_fastervlm_kept(reference):
         logits = model(**batch).logits
         (kept,) = h.stats["fastervlm"]["kept_indices"][0]
         vsinks = h.stats["var"]["visual_sinks"][0]
-    emb, vis = _pruned_llava(model, adapter, batch, kept)
+    emb, vis = pruned_llava_embeds(model, adapter, batch, kept)
     assert logits.shape[1] == emb.shape[1]
     ref = RefVAR([2, 3], ACTIVE["sink_dims"], ACTIVE["tau"])
     ref.set_prompt(vis, torch.ones_like(vis))
@@ -496,20 +487,10 @@ def test_var_after_fastv_uses_each_layers_coordinates(arch, reference):
     ref.set_prompt(vis, torch.ones_like(vis), [2])
     ref.set_prompt(vis[:, keep], torch.ones_like(vis[:, keep]), [3])
 
-    got = {}
-
-    def grab(m, args, kwargs):
-        got["hidden"] = (args[0] if args else kwargs["hidden_states"]).clone()
-        got["pe"] = kwargs["position_embeddings"]
-
-    hk = adapter.decoder_layers[0].register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        model(**batch, use_cache=False)
-    finally:
-        hk.remove()
+    hidden0, pe0 = layer0_inputs(model, adapter, batch)
 
     def by_hand():
-        h, pe = got["hidden"], got["pe"]
+        h, pe = hidden0, pe0
         for i, layer in enumerate(adapter.decoder_layers):
             if i == K:
                 h, pe = h[:, keep], tuple(t[:, keep] for t in pe)

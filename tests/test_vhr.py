@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import vtoolkit as vt
-from conftest import ARCHS, assert_same_continuation, sample_batch, tiny_model
+from conftest import ARCHS, assert_same_continuation, attn_implementation, sample_batch, tiny_model
 from vtoolkit.hooks.attention import interceptor_count
 from vtoolkit.methods.vhr import default_layers
 from vtoolkit.models.tiny import demo_image
@@ -204,13 +204,9 @@ def test_bad_options_name_the_option():
             vt.apply_method(model, "vhr", **bad)
     with vt.apply_method(model, "vhr", layers=[-1, 1]) as h:
         assert h.methods[0].layers == [1, 3]
-    tc = model.config.text_config
-    tc._attn_implementation = "flash_attention_2"
-    try:
+    with attn_implementation(model.config.text_config, "flash_attention_2"):
         with pytest.raises(NotImplementedError, match="vhr: its text-only side stream needs 'sdpa' or 'eager'"):
             vt.apply_method(model, "vhr")
-    finally:
-        tc._attn_implementation = "sdpa"
     with pytest.raises(ValueError, match="both act at stage 'llm'"):
         vt.apply_method(model, ["fastv", "vhr"])
 
