@@ -4,7 +4,7 @@ vtoolkit works through hooks on stock Hugging Face models, so it reads a few nam
 promise to keep. Every such name lives here; nothing else in vtoolkit branches on a transformers version.
 
 =====================================  =======================  ======================================
-what                                   transformers 5.23        transformers 5.24 (+ deprecated alias)
+what                                   transformers 5.23        transformers 5.24, 5.25 (+ deprecated alias)
 =====================================  =======================  ======================================
 KV-cache argument of model / layer     ``past_key_values``      ``cache`` (``past_key_values`` accepted
 forwards (what hooks see in kwargs)                             until 5.40 and renamed by a decorator
@@ -28,7 +28,7 @@ from typing import Any
 
 # The declared range; keep in sync with pyproject.toml (a test checks that they agree).
 MIN_VERSION = "5.23"
-MAX_VERSION_EXCLUSIVE = "5.25"
+MAX_VERSION_EXCLUSIVE = "5.26"
 TESTED_RANGE = f">={MIN_VERSION},<{MAX_VERSION_EXCLUSIVE}"
 
 # Newest name first.
@@ -164,7 +164,7 @@ def _cache_layers(cache):
 
 def cache_layer_kv(cache, layer: int):
     """``(keys, values)`` ``[B, H, len, d]`` of ``layer`` when it is a plain growing layer (``DynamicCache``'s
-    ``DynamicLayer``, the same in 5.23 and 5.24) whose tensors may be replaced (:func:`set_cache_layer_tensors`);
+    ``DynamicLayer``, the same in 5.23 to 5.25) whose tensors may be replaced (:func:`set_cache_layer_tensors`);
     ``None`` for any other kind of layer or cache (static, sliding, quantized, offloaded, legacy tuples), which
     callers then leave untouched."""
     try:
