@@ -4,7 +4,7 @@ vtoolkit works through hooks on stock Hugging Face models, so it reads a few nam
 promise to keep. Every such name lives here; nothing else in vtoolkit branches on a transformers version.
 
 =====================================  =======================  ======================================
-what                                   transformers 5.23        transformers 5.24, 5.25 (+ deprecated alias)
+what                                   transformers 5.23        5.24, 5.25 (+ deprecated alias)
 =====================================  =======================  ======================================
 KV-cache argument of model / layer     ``past_key_values``      ``cache`` (``past_key_values`` accepted
 forwards (what hooks see in kwargs)                             until 5.40 and renamed by a decorator
