@@ -341,3 +341,59 @@ def test_bench_counts_the_layers_after_the_exit_on_text_only(tmp_path):
     shape = F.Shape.from_model(tiny_shape()[0])
     assert row["analytic_prefill_ratio"] == pytest.approx(F.prefill_ratio(shape, full, full - 64, from_layer=2))
     assert row["analytic_prefill_ratio"] < 1.0 and row["analytic_decode_ratio"] < 1.0
+
+
+# ----------------------------------------------------------------------------------------------- real router features
+def _expected_exits(routers, hidden_states, ids, image_token_id):
+    """The official decision rule written out: after layer ``l`` (its OUTPUT, ``hidden_states[l + 1]`` of a stock
+    forward), router ``l`` reads ``[mean of the tokens after the last visual token, excluding the last prompt token ;
+    the last prompt token]`` and votes exit iff ``logit[1] > logit[0]`` with ``logits = W2 gelu(W1 feat)``; the earliest
+    vote wins; the last layer's router is not evaluated. Left padding: the last prompt token is at ``T - 1``.
+    Returns the exit layer per sample (None: never) and the smallest ``|logit[1] - logit[0]|`` evaluated."""
+    B, T = ids.shape
+    num_layers = len(hidden_states) - 1
+    exits, margin = [], float("inf")
+    for b in range(B):
+        vis = (ids[b] == image_token_id).nonzero().flatten()
+        text = list(range(int(vis.max()) + 1, T - 1))
+        exits.append(None)
+        for layer in range(num_layers - 1):
+            h = hidden_states[layer + 1][b].float()
+            mean = h[text].mean(0) if text else torch.zeros(h.shape[-1])
+            feat = torch.cat([mean, h[T - 1]])
+            r = routers.routers[layer]
+            logits = torch.nn.functional.gelu(feat @ r.fc1.weight.T) @ r.fc2.weight.T
+            margin = min(margin, abs(float(logits[1] - logits[0])))
+            if logits[1] > logits[0]:
+                exits[b] = layer
+                break
+    return exits, margin
+
+
+@torch.no_grad()
+def test_random_routers_decide_the_exit_from_the_layer_outputs(arch):
+    """Seeded random routers on a left-padded batch of 3: the exit layer of each sample is predicted in the test from
+    the stock hidden states (the official rule, above); the seed is the first one whose routers give the 3 samples 3
+    different exits (so neither "all exit at layer 0" nor "never exit"). h.stats reports those exits, and each sample's
+    last logits equal the by-hand removal of its visual tokens after its own exit layer, run alone."""
+    model, proc, adapter = tiny_model(arch)
+    batch = sample_batch(arch, n=3)
+    ids = batch["input_ids"]
+    assert (batch["attention_mask"] == 0).any()                    # padded
+    hs = model(**batch, output_hidden_states=True).hidden_states
+    assert len(hs) == adapter.num_layers + 1
+    for seed in range(100):
+        torch.manual_seed(seed)
+        routers = DyVTERouters.for_model(model, router_hidden=16)
+        exits, margin = _expected_exits(routers, hs, ids, adapter.image_token_id)
+        if len(set(exits)) == 3 and margin > 1e-3:
+            break
+    else:
+        pytest.fail("no seed in 0..99 gives three different exits")
+    with vt.apply_method(model, "dyvte", routers=routers) as h:
+        last = model(**batch).logits[:, -1]
+        assert h.stats["exit_layer"] == exits, (seed, exits)
+        assert h.stats["layer"] == (None if None in exits else max(exits) + 1)
+    for b, e in enumerate(exits):
+        ref = _reference_logits(model, adapter, _single(adapter, proc, b), adapter.num_layers if e is None else e)
+        assert torch.allclose(last[b], ref[0, -1], atol=1e-4), f"sample {b} (exit {e})"

@@ -1,6 +1,6 @@
 """FastV: drop the least-attended visual tokens after LLM layer K (Chen et al., ECCV 2024, ``pkunlp-icler/FastV``).
 
-Algorithm (official code, docs/methods.md section 7): at prefill, take the attention of decoder layer ``K - 1``
+Algorithm (official code, docs/methods.md section 7.1): at prefill, take the attention of decoder layer ``K - 1``
 (0-based), the row of the **last** prompt token, averaged over heads: ``s_j = mean_h A_{K-1}[h, last, j]`` for the
 visual tokens ``j``. Drop the lowest ``R`` fraction of each image's visual tokens and run layers ``K..L-1`` on the
 shorter sequence; kept tokens keep their original positions. Official defaults ``K=2``, ``R=0.5``.

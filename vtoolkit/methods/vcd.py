@@ -1,5 +1,5 @@
 """VCD: visual contrastive decoding (Leng et al., "Mitigating object hallucinations in large vision-language models
-through visual contrastive decoding", CVPR 2024; official code ``DAMO-NLP-SG/VCD``; docs/methods.md section 7).
+through visual contrastive decoding", CVPR 2024; official code ``DAMO-NLP-SG/VCD``; docs/methods.md section 7.2).
 
 The contrast stream sees the same prompt with a noised image: the processor's (normalised) pixel tensor ``x0`` of
 each image is diffused for ``noise_step`` steps of the official schedule (1000 steps, sigmoid betas)::
