@@ -11,7 +11,8 @@ each image is diffused for ``noise_step`` steps of the official schedule (1000 s
 transformed image in ``experiments/eval/object_hallucination_vqa_*.py``, e.g. ``..._qwenvl.py`` L50-54). The noise is
 drawn once per still image: where the processor repeats a still image into several frames (Qwen2-VL / 2.5-VL:
 ``temporal_patch_size = 2`` copies in every patch row) all copies get the same noised frame, as if the image had been
-noised before the processor (the adapter's ``image_frames`` gives the layout). Then, per step (:mod:`vtoolkit.methods.contrastive`)::
+noised before the processor (the adapter's ``image_frames`` gives the layout). Then, per step
+(:mod:`vtoolkit.methods.contrastive`)::
 
     l = (1 + alpha) * l_full - alpha * l_noised,   tokens with p_full < beta * max p_full removed
 
@@ -22,7 +23,9 @@ Noise is drawn per image from a generator seeded with ``seed`` and the image's p
 does), so it is reproducible and a padded batch draws exactly what single runs draw. The noised image is encoded in
 a side stream: the vision-tower hooks of other methods (e.g. a co-applied FasterVLM's scores) do not see it. Cost:
 one more vision-encoder pass and a contrast prefill as long as the prompt (the contrast stream is not shorter than
-the main one, unlike DAMRO's); decode steps are batched with the main stream.
+the main one, unlike DAMRO's); decode steps are batched with the main stream. A prompt without an image is refused
+(there is nothing to noise); in a batch with images, a row without one contrasts with itself (``l = l_full``, with the
+plausibility cutoff).
 """
 from __future__ import annotations
 
