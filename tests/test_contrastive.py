@@ -78,12 +78,14 @@ def _outlier_only_llava(model, adapter, batch, kept):
 
 @torch.no_grad()
 def test_outliers_and_contrast_stream_equal_explicit_calls_llava():
-    """Outliers = top-k of the feature layer's [CLS] attention computed from the vision tower alone; the tokens equal
-    a hand-written two-stream loop with two caches (full prompt / outlier-only prompt, contiguous positions)."""
+    """cls_score="head_mean", order="spatial": outliers = top-k of the feature layer's head-mean [CLS] attention
+    computed from the vision tower alone; the tokens equal a hand-written two-stream loop with two caches (full prompt
+    / outlier-only prompt, contiguous positions). The default (pooled, score order): test_damro_vcd_fidelity.py."""
     model, proc, adapter = tiny_model("llava")
     batch = sample_batch("llava", n=1)
     alpha, beta, k, steps = 1.5, 0.1, 4, 6
-    with vt.apply_method(model, "damro", alpha=alpha, beta=beta, topk=k, topk_rule="fixed") as h:
+    with vt.apply_method(model, "damro", alpha=alpha, beta=beta, topk=k, topk_rule="fixed", cls_score="head_mean",
+                         order="spatial") as h:
         first = model(**batch).logits[:, -1]
         out = model.generate(**batch, max_new_tokens=steps, do_sample=False)
         (kept,) = h.stats["outlier_indices"][0]
@@ -110,6 +112,7 @@ def test_outliers_and_contrast_stream_equal_explicit_calls_llava():
 
 @torch.no_grad()
 def test_contrast_stream_first_step_qwen_keeps_original_mrope_positions():
+    """The outliers in the order of the stats (by score, the default), each with its original (t, h, w)."""
     model, proc, adapter = tiny_model("qwen2_vl")
     batch = sample_batch("qwen2_vl", n=1)
     alpha, beta = 1.0, 0.0
@@ -125,11 +128,12 @@ def test_contrast_stream_first_step_qwen_keeps_original_mrope_positions():
                                                      image_grid_thw=batch["image_grid_thw"]).pooler_output)
     img = ids[0] == adapter.image_token_id
     emb = emb.masked_scatter(img[None, :, None], feats)
-    keep = ~img
-    keep[img.nonzero().flatten()[kept]] = True
-    n = int(keep.sum())
-    p4 = torch.cat([torch.arange(n)[None, None], pos[:, :, keep]], 0)
-    hid = model.model.language_model(inputs_embeds=emb[:, keep], position_ids=p4,
+    vis = img.nonzero().flatten()
+    assert len(set(kept.tolist())) == 3
+    order = torch.cat([torch.arange(vis[0]), vis[kept], torch.arange(vis[-1] + 1, ids.shape[1])])  # score order
+    n = order.numel()
+    p4 = torch.cat([torch.arange(n)[None, None], pos[:, :, order]], 0)
+    hid = model.model.language_model(inputs_embeds=emb[:, order], position_ids=p4,
                                      attention_mask=torch.ones(1, n, dtype=torch.long)).last_hidden_state
     contrast = model.lm_head(hid[:, -1])
     assert torch.allclose(got, contrast_logits(full, contrast, alpha, beta), atol=1e-4)
@@ -208,7 +212,7 @@ def test_sampling_is_reproducible_and_direct_mode_bypasses_processors(method, op
     with vt.apply_method(model, method, processors="direct", **opts):
         a, b = sample(), sample()
         assert torch.equal(a, b)
-        with pytest.warns(UserWarning, match=r"processors='direct'.*'temperature': 0.3"):
+        with pytest.warns(UserWarning, match=r"processors='direct'.*temperature=0.3 \(generate\(\) call\)"):
             c = sample(temperature=0.3, top_k=5)
         assert torch.equal(c, a)                                   # ignored: the contrasted distribution as it is
     with vt.apply_method(model, method, processors="standard", **opts):

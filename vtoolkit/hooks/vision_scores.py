@@ -1,8 +1,16 @@
 """Token-importance scores from one vision-encoder layer, computed from hooked q/k (the tower keeps SDPA/flash).
 
-- Encoders with a [CLS] token (CLIP in LLaVA / LLaVA-NeXT): the CLS query's attention probabilities over the patch
-  keys in layer ``l``: ``a[c, j] = mean_h softmax(q_cls^h . K^h / sqrt(d))[1 + j]`` (CLS column excluded), one row
-  of ``[n_crops, N]``. Computed from ``q_proj`` / ``k_proj`` outputs of that layer; cost O(N d) per crop.
+- Encoders with a [CLS] token (CLIP in LLaVA / LLaVA-NeXT): the CLS query's attention over the patch keys in layer
+  ``l``, one row of ``[n_crops, N]`` (CLS column excluded), computed from the ``q_proj`` / ``k_proj`` outputs of that
+  layer (cost O(N C) per crop). Two rules (``cls_score=``):
+
+  - ``"head_mean"`` (FasterVLM's score; the released DAMRO InstructBLIP code's): the mean over heads of the per-head
+    probabilities, ``a[c, j] = mean_h softmax(q_cls^h . K^h / sqrt(d))[1 + j]``, ``d`` the head dim (the module's
+    own scale).
+  - ``"pooled"`` (the released DAMRO LLaVA / LLaVA-NeXT code's): ONE softmax over the unsplit q.k of all heads,
+    ``a[c, j] = softmax(q_cls . K / sqrt(C))[1 + j]``, ``C`` the full q/k width (= the vision hidden size). It ranks
+    patches by the sum over heads of the per-head logits (a sharper softmax of their mean), not by the mean of the
+    per-head probabilities, so its top-k set differs from ``"head_mean"``'s in most images.
 - Encoders without CLS (Qwen2-VL / Qwen2.5-VL): the mean attention each patch *receives* in a full-attention block,
   ``r_j = mean_h mean_i softmax(q_i^h . K^h / sqrt(d))[j]``, per image (block-diagonal ``cu_seqlens``), streamed over
   query blocks so no ``H x N x N`` tensor exists; then averaged over the ``merge x merge`` patches that form one LLM
@@ -20,6 +28,7 @@ from vtoolkit.hooks.attention import intercept
 from vtoolkit.hooks.sidestream import in_side_stream
 
 QUERY_BLOCK = 1024
+CLS_SCORES = ("head_mean", "pooled")
 
 
 def received_attention(q: torch.Tensor, k: torch.Tensor, scaling: float, block: int = QUERY_BLOCK) -> torch.Tensor:
@@ -40,9 +49,28 @@ def cls_attention(q_cls: torch.Tensor, k: torch.Tensor, scaling: float) -> torch
     return torch.softmax(logits, dim=-1)[:, :, 1:].mean(1)
 
 
+def pooled_cls_attention(q_cls: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """CLS-row attention over patches with the heads unsplit: ``softmax(q_cls . K^T * C ** -0.5)`` without the CLS
+    column. ``q_cls: [B, C]``, ``k: [B, T, C]`` (T = 1 + N with CLS first) -> ``[B, N]``."""
+    logits = torch.einsum("bc,btc->bt", q_cls.float(), k.float()) * q_cls.shape[-1] ** -0.5
+    return torch.softmax(logits, dim=-1)[:, 1:]
+
+
 class VisionScores:
-    def __init__(self, adapter, layer: int | None = None):
+    """Scores of one vision layer. ``layer``: None = the feature layer (CLS towers) / the last full-attention block
+    (no CLS). ``cls_score``: ``"head_mean"`` | ``"pooled"`` for CLS towers (None = ``"head_mean"``); towers without
+    CLS have one rule (received attention) and refuse any ``cls_score``."""
+
+    def __init__(self, adapter, layer: int | None = None, cls_score: str | None = None):
         self.adapter = adapter
+        if adapter.has_cls:
+            cls_score = "head_mean" if cls_score is None else cls_score
+            if cls_score not in CLS_SCORES:
+                raise ValueError(f"cls_score must be one of {CLS_SCORES}, got {cls_score!r}")
+        elif cls_score is not None:
+            raise ValueError(f"cls_score={cls_score!r} scores the [CLS] row, but this vision tower has no [CLS] "
+                             f"token: its score is the attention each patch receives (no cls_score)")
+        self.cls_score = cls_score
         if adapter.has_cls:
             self.layer = adapter.vision_feature_layer() if layer is None else layer
         else:
@@ -87,6 +115,9 @@ class VisionScores:
             return None
         q, k = self._q, self._k
         self._q = self._k = None
+        if self.cls_score == "pooled":
+            self._chunks.append(pooled_cls_attention(q[:, 0], k))
+            return None
         B, T, _ = q.shape
         H = module.num_heads
         d = q.shape[-1] // H

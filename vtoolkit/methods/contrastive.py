@@ -16,8 +16,10 @@ Logits processors (``processors=``):
   call (temperature 1, top-k 0, top-p 1, min-p / typical-p / epsilon / eta / top-h off, repetition and
   encoder-repetition penalty 1, no-repeat-ngram 0, sequence bias and guidance off); length and format constraints
   (``min_new_tokens``, bad words, forced / suppressed tokens) still apply. This is what DAMRO's released code does
-  (its replacement sampler comments every processor out); a non-neutral value passed to ``generate`` is ignored with a
-  warning naming it.
+  (its replacement sampler comments every processor out); each non-neutral value bypassed is named in a warning,
+  once per handle, with where it came from: the ``generate()`` call, the ``generation_config`` passed to it, or the
+  model's own ``generation_config`` (e.g. Qwen's ``top_k=1, temperature=0.01``, which direct mode turns into sampling
+  at T = 1 when ``do_sample=True``).
 - ``"standard"``: generate applies its processors after the contrast, as the VCD release does.
 
 How it runs (:mod:`vtoolkit.hooks.sidestream`): at the prefill a language-model pre-hook builds the contrast rows from
@@ -98,27 +100,53 @@ class ContrastiveDecoding(Method):
     # -- generate: processors ---------------------------------------------------------------------------------------
     def _generate(self, inner, *args, **kwargs):
         if self.config.processors == "direct":
-            given = kwargs.get("generation_config")
-            target = copy.deepcopy(given) if given is not None else None
-            ignored = {}
-            for key, off in NEUTRAL.items():
-                value = kwargs.pop(key, None)
-                if value is None and given is not None:
-                    value = getattr(given, key, None)
-                if value is not None and value not in off:
-                    ignored[key] = value
-                if target is not None:            # the user's config, neutralised (no kwargs next to it)
-                    if hasattr(target, key):
-                        setattr(target, key, off[0] if off else None)
-                else:                             # kwargs override the model's and the global defaults
-                    kwargs[key] = off[0] if off else None
-            if target is not None:
-                kwargs["generation_config"] = target
-            if ignored:
-                warnings.warn(f"{self.name}: processors='direct' samples from the contrasted distribution as the "
-                              f"official code does, so {ignored} is ignored; apply it with processors='standard'",
-                              UserWarning, stacklevel=3)
+            self._neutralise_processors(kwargs)
         return inner(*args, **kwargs)
+
+    def _neutralise_processors(self, kwargs) -> None:
+        """processors='direct': every shaping setting of :data:`NEUTRAL` set to its neutral value for this call, with
+        generate's own priority for where a value comes from (the call's keyword arguments, else the
+        ``generation_config`` passed to the call, else the model's ``generation_config``; HF's global defaults, e.g.
+        top_k = 50, are not the user's and go unnamed). Each non-neutral value bypassed is named with its source in
+        one warning, once per handle (a setting warned about before, same value and source, is not repeated)."""
+        given = kwargs.get("generation_config")
+        own = getattr(self.adapter.model, "generation_config", None)
+        target = copy.deepcopy(given) if given is not None else None
+        sources = [(kwargs, "generate() call"), (given, "the generation_config passed to generate()"),
+                   (own, "the model's generation_config")]
+
+        def effective(key):
+            for where, label in sources:
+                value = where.get(key) if isinstance(where, dict) else getattr(where, key, None)
+                if value is not None:
+                    return value, label
+            return None, None
+
+        bypassed = []
+        for key, off in NEUTRAL.items():
+            value, source = effective(key)
+            kwargs.pop(key, None)
+            if value is not None and value not in off:
+                bypassed.append((key, value, source))
+            neutral = off[0] if off else None
+            if target is None:                    # kwargs override the model's and the global defaults
+                kwargs[key] = neutral
+            else:                                 # the user's config, neutralised (no kwargs next to it) ...
+                setattr(target, key, neutral)
+                if neutral is None and getattr(own, key, None) is not None:
+                    kwargs[key] = None            # ... except where generate would refill None from the model's
+        if target is not None:
+            kwargs["generation_config"] = target
+        warned = self.__dict__.setdefault("_direct_warned", set())
+        new = [(k, v, src) for k, v, src in bypassed if (k, repr(v), src) not in warned]
+        if new:
+            warned.update((k, repr(v), src) for k, v, src in new)
+            sample, sample_src = effective("do_sample")
+            note = (f"; do_sample=True ({sample_src}) now draws from softmax(l) itself" if sample else "")
+            named = ", ".join(f"{k}={v!r} ({src})" for k, v, src in new)
+            warnings.warn(f"{self.name}: processors='direct' uses the contrasted distribution as the official code "
+                          f"does, so these generation settings are bypassed: {named}{note}; apply them with "
+                          f"processors='standard' (warned once per handle)", UserWarning, stacklevel=4)
 
     # -- per call ---------------------------------------------------------------------------------------------------
     def on_prefill(self, ctx) -> None:

@@ -11,7 +11,7 @@ every score-based pruner so they are comparable:
   its crops, N = the image's patch tokens in the sequence.
 - LLaVA-NeXT ``image_newline`` tokens are always kept and never counted in the budget (HF packs one per row; the
   model was trained with them).
-- Kept tokens stay in their original order.
+- Kept tokens stay in their original order (:func:`select_top` can also rank them by score, for DAMRO).
 """
 from __future__ import annotations
 
@@ -113,25 +113,34 @@ class ScorePrune(Method):
 @dataclass
 class Selection:
     """Per LLM row: ``keep`` (sorted sequence positions of the chosen visual tokens, or None when the row has none),
-    ``indices`` (per image, the chosen tokens' indices within that image's visual tokens), token counts."""
+    ``ranked`` (the same positions, image by image, in the order ``select_top`` was asked for), ``indices`` (per
+    image, the chosen tokens' indices within that image's visual tokens, in that order), token counts."""
 
     keep: list
     indices: list
     before: list
     after: list
+    ranked: list
 
 
-def select_top(ctx, scores, count, per_crop: bool = True, newlines: str = "all") -> Selection:
-    """The top-scored visual tokens of every image of every row, kept in their original order.
+ORDERS = ("spatial", "score")
+
+
+def select_top(ctx, scores, count, per_crop: bool = True, newlines: str = "all", order: str = "spatial") -> Selection:
+    """The top-scored visual tokens of every image of every row.
 
     ``scores[image_index]``: one score tensor per crop over the crop's full raster (``ImageSpan.crop_patches``
     index into it). ``count(n, what) -> T``: tokens to keep out of a unit of ``n`` (a crop when ``per_crop`` or the
     image has one crop - an unpadded LLaVA-NeXT tile keeps at most what it has -, else the image's patch tokens).
     ``newlines``: LLaVA-NeXT ``image_newline`` tokens kept: ``"all"`` (never counted in the budget), ``"last"`` (the
-    image block's final one), or ``"none"``."""
-    keep_all, kept_idx, before, after = [], [], [], []
+    image block's final one), or ``"none"``. ``order`` (of ``ranked`` / ``indices``; ``keep`` is always sorted):
+    ``"spatial"`` (sequence order) or ``"score"`` (per unit by descending score, as ``torch.topk`` returns them, units
+    in crop order, the kept newlines after them)."""
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+    keep_all, kept_idx, before, after, ranked_all = [], [], [], [], []
     for b, sample in enumerate(ctx.spans):
-        keep_b, idx_b = [], []
+        keep_b, idx_b, ranked_b = [], [], []
         for span in sample:
             crop_scores = scores[span.image_index]
             if len(crop_scores) != len(span.crops):
@@ -143,18 +152,22 @@ def select_top(ctx, scores, count, per_crop: bool = True, newlines: str = "all")
                 for c, (s, pos) in enumerate(zip(present, span.crops)):
                     t = min(count(crop_scores[c].numel(), f"crop {c} of image {span.image_index} (sample {b})"),
                             s.numel())
-                    chosen.append(pos[torch.topk(s, t, sorted=False).indices])
+                    chosen.append(pos[torch.topk(s, t, sorted=order == "score").indices])
             else:
                 s, pos = torch.cat(present), torch.cat(span.crops)
                 t = count(s.numel(), f"image {span.image_index} (sample {b})")
-                chosen.append(pos[torch.topk(s, t, sorted=False).indices])
+                chosen.append(pos[torch.topk(s, t, sorted=order == "score").indices])
             if span.newlines is not None and span.newlines.numel() and newlines != "none":
                 chosen.append(span.newlines if newlines == "all" else span.newlines[-1:])
-            kept = torch.cat(chosen).sort().values
+            by_score = torch.cat(chosen)
+            kept = by_score.sort().values
+            ranked = kept if order == "spatial" else by_score
             keep_b.append(kept)
-            idx_b.append(torch.searchsorted(span.positions, kept).cpu())
+            ranked_b.append(ranked)
+            idx_b.append(torch.searchsorted(span.positions, ranked).cpu())
         keep_all.append(torch.cat(keep_b) if keep_b else None)
+        ranked_all.append(torch.cat(ranked_b) if ranked_b else None)
         kept_idx.append(idx_b)
         before.append(sum(s.num_tokens for s in sample))
         after.append(sum(k.numel() for k in keep_b))
-    return Selection(keep_all, kept_idx, before, after)
+    return Selection(keep_all, kept_idx, before, after, ranked_all)

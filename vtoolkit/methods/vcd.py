@@ -7,7 +7,12 @@ each image is diffused for ``noise_step`` steps of the official schedule (1000 s
     beta_t = sigmoid(linspace(-6, 6, 1000))_t * (5e-3 - 1e-5) + 1e-5,    abar_t = prod_{s <= t} (1 - beta_s)
     x_t    = sqrt(abar_t) * x0 + sqrt(1 - abar_t) * eps,                  eps ~ N(0, I)
 
-(not clamped back into the pixel range, as official). Then, per step (:mod:`vtoolkit.methods.contrastive`)::
+(not clamped back into the pixel range, as official; ``vcd_utils/vcd_add_noise.py`` L3-27, applied to the
+transformed image in ``experiments/eval/object_hallucination_vqa_*.py``, e.g. ``..._qwenvl.py`` L50-54). The noise is
+drawn once per still image: where the processor repeats a still image into several frames (Qwen2-VL / 2.5-VL:
+``temporal_patch_size = 2`` copies in every patch row) all copies get the same noised frame, as if the image had been
+noised before the processor (the adapter's ``image_frames`` gives the layout). Then, per step
+(:mod:`vtoolkit.methods.contrastive`)::
 
     l = (1 + alpha) * l_full - alpha * l_noised,   tokens with p_full < beta * max p_full removed
 
@@ -18,7 +23,9 @@ Noise is drawn per image from a generator seeded with ``seed`` and the image's p
 does), so it is reproducible and a padded batch draws exactly what single runs draw. The noised image is encoded in
 a side stream: the vision-tower hooks of other methods (e.g. a co-applied FasterVLM's scores) do not see it. Cost:
 one more vision-encoder pass and a contrast prefill as long as the prompt (the contrast stream is not shorter than
-the main one, unlike DAMRO's); decode steps are batched with the main stream.
+the main one, unlike DAMRO's); decode steps are batched with the main stream. A prompt without an image is refused
+(there is nothing to noise); in a batch with images, a row without one contrasts with itself (``l = l_full``, with the
+plausibility cutoff).
 """
 from __future__ import annotations
 
@@ -66,7 +73,8 @@ def diffusion_noise(x0: torch.Tensor, step: int, generator: torch.Generator) -> 
                  description="Visual contrastive decoding against the same prompt with a noised image (VCD)")
 class VCD(ContrastiveDecoding):
     def noised_pixels(self, inputs) -> torch.Tensor:
-        """The call's pixel tensor with every image diffused by its own seeded noise."""
+        """The call's pixel tensor with every image diffused by its own seeded noise (one draw per still frame,
+        ``eps ~ N(0, I)`` of the frame's shape from a generator seeded with ``seed`` and the image's pixels)."""
         pixels = inputs.get("pixel_values")
         if pixels is None:
             raise ValueError("vcd needs this call's pixel_values to noise the image; precomputed image features are "
@@ -74,14 +82,21 @@ class VCD(ContrastiveDecoding):
         noised = pixels.clone()
         view_inputs = {**inputs, "pixel_values": noised}
         for i in range(len(self.adapter.image_token_counts(inputs, encoded=True))):
-            view = self.adapter.image_pixels(view_inputs, i)          # a view into ``noised``
+            view = self.adapter.image_pixels(view_inputs, i)
             digest = hashlib.blake2b(view.detach().to("cpu", torch.float32).contiguous().numpy().tobytes(),
                                      digest_size=8, key=str(self.config.seed).encode()).digest()
             gen = torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
-            view.copy_(diffusion_noise(view, self.config.noise_step, gen))
+            frames = self.adapter.image_frames(view_inputs, i)        # [F, ...] copies of one frame, a view into
+            if frames.shape[0] > 1 and not bool((frames == frames[:1]).all()):     # ``noised``
+                raise RuntimeError(f"image {i}: the processor's {frames.shape[0]} frames of a still image differ; "
+                                   f"vcd noises one still frame and gives every copy the same noise")
+            frames.copy_(diffusion_noise(frames[0], self.config.noise_step, gen).expand_as(frames))
         return noised
 
     def contrast_rows(self, ctx, kwargs, n):
+        if not ctx.has_visual:
+            raise ValueError("vcd contrasts with a noised copy of the image, but this call's prompt has no image "
+                             "(no image tokens, no pixel_values); run text-only prompts without the handle")
         inputs = ctx.inputs
         noised = self.noised_pixels(inputs)
         names = ("image_sizes", "image_grid_thw")

@@ -218,6 +218,12 @@ class ModelAdapter:
         """The processor's pixel tensor of one image (batch order), without batch padding."""
         return inputs["pixel_values"][image_index]
 
+    def image_frames(self, inputs: dict[str, Any], image_index: int) -> torch.Tensor:
+        """:meth:`image_pixels` (a view into ``inputs["pixel_values"]``) as ``[F, ...]``: the ``F`` copies the
+        processor made of one still image, each the same frame (``F = 1`` unless the model's processor repeats a
+        still image in time, as Qwen-VL's does)."""
+        return self.image_pixels(inputs, image_index)[None]
+
     # -- prompting ----------------------------------------------------------------------------------------------
     def format_prompt(self, processor, question: str, num_images: int = 1) -> str:
         """The model's chat format for one user turn with ``num_images`` images and a generation prompt."""

@@ -65,6 +65,14 @@ class QwenVLAdapter(ModelAdapter):
         start = sum(counts[:image_index])
         return inputs["pixel_values"][start:start + counts[image_index]]
 
+    def image_frames(self, inputs, image_index: int):
+        """A still image is repeated into ``temporal_patch_size`` frames by the processor; each row of
+        ``pixel_values`` is one patch flattened as ``[channel, time, patch, patch]``: view ``[T, N, C, p, p]``."""
+        rows = self.image_pixels(inputs, image_index)
+        vc = self.vision_config
+        t, p = vc.temporal_patch_size, vc.patch_size
+        return rows.view(rows.shape[0], -1, t, p, p).permute(2, 0, 1, 3, 4)
+
     def image_spans(self, inputs):
         self._thw = inputs.get("image_grid_thw")
         try:
