@@ -13,9 +13,11 @@ Defaults follow the protocols papers use (``shared/docs/benchmarks.md``):
   ``max_new_tokens=512`` (OPERA's script; the short-caption setting uses 64); ``wordnet`` (OPERA) tokenizer profile.
 
 Scoring follows ``vtoolkit score`` exactly, defaults included: ``zero_division=None`` behaves like the rule's
-original script, so a metric with a zero denominator (POPE precision when no answer is "yes", CHAIRi when no caption
-mentions an object) leaves the benchmark *not scored*, with the reason, instead of reporting 0;
-``--set pope.zero_division=zero`` (``--zero-division zero`` for ``vtoolkit score``) reports 0 instead.
+original script where it defines a value (lmms-eval, VLMEvalKit: 0); where the original divides without a guard and
+crashes (official POPE: precision when no answer is "yes"), the metric is reported as *undefined* (``null``, with a
+note) and the benchmark is still scored; for CHAIR (CHAIRi when no caption mentions an object) it leaves the benchmark
+*not scored*, with the reason. ``--set pope.zero_division=zero`` (``--zero-division zero`` for ``vtoolkit score``)
+reports 0 instead.
 
 Every field can be overridden (``--set pope.max_new_tokens=10``; names, types and ranges are checked), and the
 resolved protocol is written to each run's ``config.json``. :data:`SCORING_FIELDS` only change how predictions are
@@ -90,8 +92,10 @@ class Protocol:
             bad.append(f"temperature must be > 0 (or null), got {self.temperature}")
         if self.n_images is not None and self.n_images < 1:
             bad.append(f"n_images must be >= 1 (or null for all), got {self.n_images}")
-        if self.zero_division not in (None, "raise", "zero"):
-            bad.append(f"zero_division must be null, raise or zero, got {self.zero_division!r}")
+        allowed = (None, "raise", "zero", "undefined") if self.bench == "pope" else (None, "raise", "zero")
+        if self.zero_division not in allowed:
+            bad.append(f"zero_division must be null, {', '.join(a for a in allowed if a)}, got "
+                       f"{self.zero_division!r}")
         if self.bench in RULES and self.scorer_rule not in RULES[self.bench]:
             bad.append(f"scorer_rule must be one of {', '.join(RULES[self.bench])}, got {self.scorer_rule!r}")
         if bad:
