@@ -52,3 +52,27 @@ def test_a_run_answering_every_pope_question_no_scores_and_reports_precision_und
     assert res.exit_code == 0, res.output
     assert "n/a (in split(s) coco_pope_popular, coco_pope_random, no 'yes' answers (TP + FP = 0))" in (
         tmp_path / "rep" / "report.md").read_text()
+
+
+# ------------------------------------------------------------------------------------- 9a. the README's API example
+def test_readme_api_example_runs_on_ref_shapes_as_written_and_prints_what_it_says(capsys):
+    import vtoolkit as vt
+
+    text = section("Python API")
+    code = text.split("```python\n")[1].split("```")[0]
+    said = re.search(r"It prints `(\[.*?\])`", text).group(1)
+    assert "vt.models.reference.load()" in code and "Answer the question using a single word or phrase." in code
+    from vtoolkit.eval.protocol import LLAVA_SHORT_ANSWER
+
+    assert repr(LLAVA_SHORT_ANSWER)[1:-1] in code   # the suffix the harness (and the training) uses
+    scope: dict = {}
+    try:
+        exec(compile(code, "README.md: Python API", "exec"), scope)
+    finally:
+        if "model" in scope:
+            for h in vt.active_handles(scope["model"]):
+                h.remove()
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert printed == [said]
+    assert eval(said)[0] == "Yes"   # img1 shows two red hearts
+    assert scope["h"].active is False and not vt.active_handles(scope["model"])
