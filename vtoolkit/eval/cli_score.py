@@ -26,6 +26,7 @@ class PopeRule(str, Enum):
 class ChairVariant(str, Enum):
     opera = "opera"
     original = "original"
+    synthetic = "synthetic"
 
 
 class MMERule(str, Enum):
@@ -158,7 +159,8 @@ def chair_cmd(
     coco_annotations: Path | None = typer.Option(None, "--coco-annotations", help="instead of --gt: COCO 2014 "
                                                     "annotations dir (instances_* + captions_*); slow"),
     variant: ChairVariant = typer.Option(ChairVariant.opera, "--variant", help="opera (NLTK WordNet; OPERA/HALC/"
-                                         "lmms-eval) or original (pattern singularize; Rohrbach et al.)"),
+                                         "lmms-eval), original (pattern singularize; Rohrbach et al.) or synthetic "
+                                         "(the synthetic scenes of vtoolkit demo / ref:shapes; no NLTK data)"),
     image_id_key: str = typer.Option("image_id", "--image-id-key"),
     caption_key: str = typer.Option("caption", "--caption-key"),
     synonyms: Path | None = typer.Option(None, "--synonyms", help="custom synonym file (one line per object, "

@@ -1,6 +1,6 @@
 """Evaluation protocols: the prompt, generation settings and scoring rule of each benchmark, in one place.
 
-Defaults follow the protocols papers use (``shared/docs/benchmarks.md``):
+Defaults follow the protocols papers use (each default names its origin in ``source``):
 
 - **POPE**: the question + ``"\\nAnswer the question using a single word or phrase."`` (LLaVA-1.5's eval scripts and
   lmms-eval's default), greedy, ``max_new_tokens=128`` (LLaVA / lmms-eval; OPERA uses 10), scored with the official
@@ -59,7 +59,7 @@ class Protocol:
     zero_division: str | None = None    # None: as the rule's original script (may leave the bench not scored); zero
     n_images: int | None = None         # CHAIR subset size (None: all)
     seed: int = 0                       # CHAIR subset seed
-    source: str = ""                    # where the defaults come from (documentation, recorded with the run)
+    source: str = ""                    # where the defaults come from, + "this run uses instead: k=v" (overrides)
     extra: dict = field(default_factory=dict)
 
     def build_question(self, question: str | None) -> str:
@@ -136,4 +136,8 @@ def resolve_protocol(bench: str, overrides: Mapping[str, Any] | None = None) -> 
     overrides = check_field_types(Protocol, overrides, owner=f"{bench} protocol")
     proto = dataclasses.replace(base, **overrides)
     proto.check()
+    changed = {k: v for k, v in overrides.items() if k != "source" and v != getattr(base, k)}
+    if changed and "source" not in overrides:   # the defaults' origin, then what this run uses instead
+        proto = dataclasses.replace(proto, source=f"{base.source}; this run uses instead: "
+                                                  + ", ".join(f"{k}={v!r}" for k, v in changed.items()))
     return proto

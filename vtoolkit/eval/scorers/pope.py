@@ -1,7 +1,7 @@
 """POPE scorer (Li et al., EMNLP 2023): yes/no answer parsing + accuracy / precision / recall / F1 / yes-ratio.
 
-Pure Python, no model imports. Every rule below reproduces one original scorer *exactly* (same floats) on the fixtures
-in ``shared/data/pope/scorer_cases`` (see ``shared/docs/benchmarks.md`` §1.4-1.6).
+Pure Python, no model imports. Every rule below reproduces one original scorer *exactly* (same floats) on hand-worked
+cases and the original scripts' outputs (the test suite checks them: ``tests/test_scorers_pope.py``).
 
 Answer-parsing rules (``rule=``)
 --------------------------------
