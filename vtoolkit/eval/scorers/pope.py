@@ -206,8 +206,8 @@ def _ratio(num, den, what: str, mode: str, rule: str):
             raise _Undefined(what)
         raise ZeroDivisionError(
             f"POPE {what} is undefined ({what} denominator is 0); the original '{rule}' scorer raises here too. "
-            f"Pass zero_division='zero' to report 0 instead, or zero_division='undefined' (the default for this "
-            f"rule) to report it as undefined.")
+            f"Pass zero_division='zero' to report 0 instead, or zero_division='undefined' to report it as "
+            f"undefined.")
     return num / den
 
 
