@@ -103,10 +103,32 @@ def test_pope_zero_division_flag(tmp_path):
     a.write_text('{"answer": "no"}\n{"answer": "no"}\n')
     q = tmp_path / "q.jsonl"
     q.write_text('{"label": "yes"}\n{"label": "no"}\n')
-    res = _run("pope", "-a", a, "-q", q)
+    res = _run("pope", "-a", a, "-q", q, "--zero-division", "raise")
     assert res.exit_code == 2 and "precision" in res.output and "Pass --zero-division zero to report 0" in res.output
     out = _json("pope", "-a", a, "-q", q, "--zero-division", "zero")
     assert out["splits"]["q"]["precision"] == 0
+
+
+def test_pope_every_answer_no_scores_with_precision_undefined(tmp_path):
+    """A model that answers every question "No": the official scorer would divide 0/0 for precision (it crashes, so
+    it defines no value); `score pope` exits 0 and reports precision and F1 as undefined, with the reason."""
+    a = tmp_path / "a.jsonl"
+    a.write_text("".join(f'{{"question_id": {i}, "answer": "{t}"}}\n'
+                         for i, t in enumerate(["No", "No.", "no", "No, there is not."], 1)))
+    q = tmp_path / "q.jsonl"
+    q.write_text("".join(f'{{"question_id": {i}, "text": "Is there a dog?", "label": "{lab}"}}\n'
+                         for i, lab in enumerate(["yes", "no", "yes", "no"], 1)))
+    res = _run("pope", "-a", a, "-q", q)
+    assert res.exit_code == 0, res.output
+    assert "n/a (no yes answers)" in res.output
+    assert "note: q: precision undefined: no 'yes' answers (TP + FP = 0)" in res.output
+    r = _json("pope", "-a", a, "-q", q)["splits"]["q"]
+    assert (r["accuracy"], r["precision"], r["recall"], r["f1"], r["yes_ratio"]) == (0.5, None, 0.0, None, 0.0)
+    assert r["notes"]["precision"] == r["notes"]["f1"] == "undefined: no 'yes' answers (TP + FP = 0)"
+    out = _json("pope", "-a", a, "-q", q, "-a", a, "-q", q)   # the mean over splits is undefined too
+    assert out["average"]["f1"] is None and out["average"]["accuracy"] == 0.5
+    assert "undefined: in split(s) q#0, q#1" in out["average"]["notes"]["f1"]
+    assert _json("pope", "-a", a, "-q", q, "--rule", "lmms_eval")["splits"]["q"]["precision"] == 0   # its value
 
 
 def test_mme_json_and_table():

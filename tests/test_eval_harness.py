@@ -194,7 +194,7 @@ def test_sweep_reports_every_problem_at_once_before_running(tmp_path, tiny):
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     expected = [
         "error: sweep.yaml: unknown key 'batchsize'. Did you mean 'batch_size'? Valid: name, model, dtype, device_map, "
-        "attn_implementation, seed, benchmarks, data, protocol, limit, batch_size, out, methods",
+        "attn_implementation, seed, benchmarks, data, protocol, limit, batch_size, out, methods, prepare",
         f"error: sweep.yaml: data: pope images: {tmp_path / 'nope'}: no such file or folder",
         "error: sweep.yaml: protocol: pope protocol: max_new_tokens must be >= 1, got 0",
         "error: sweep.yaml: methods[0]: fastervlm: keep_ratio (the share of visual tokens KEPT) must be in (0, 1], "

@@ -123,9 +123,17 @@ def test_hand_checks_official():
 
 
 def test_zero_division_per_rule():
-    for rule in ("official", "opera", "vcd"):
+    for rule in ("official", "opera", "vcd"):   # the originals crash on 0/0: reported as undefined, with the reason
+        r = score_pope(["no", "no"], ["yes", "no"], rule)
+        assert (r.precision, r.recall, r.f1, r.accuracy) == (None, 0.0, None, 0.5)
+        assert r.notes == {"precision": "undefined: no 'yes' answers (TP + FP = 0)",
+                           "f1": "undefined: no 'yes' answers (TP + FP = 0)"}
         with pytest.raises(ZeroDivisionError, match="precision"):
-            score_pope(["no", "no"], ["yes", "no"], rule)
+            score_pope(["no", "no"], ["yes", "no"], rule, zero_division="raise")
+    r = score_pope(["yes", "no"], ["no", "no"])   # no yes label: recall undefined
+    assert (r.precision, r.recall, r.f1) == (0.0, None, None) and "no 'yes' labels" in r.notes["recall"]
+    r = score_pope(["no", "no"], ["yes", "no"], "lmms_eval", zero_division="undefined")
+    assert r.precision is None and r.to_dict()["pope_precision"] is None
     for rule in ("lmms_eval", "vlmevalkit"):
         r = score_pope(["no", "no"], ["yes", "no"], rule)
         assert (r.precision, r.recall, r.f1) == (0, 0, 0)
@@ -133,9 +141,11 @@ def test_zero_division_per_rule():
     assert (r.precision, r.recall, r.f1, r.accuracy) == (0, 0, 0, 0.5)
     with pytest.raises(ZeroDivisionError):
         score_pope(["no", "no"], ["yes", "no"], "lmms_eval", zero_division="raise")
-    # TP = 0 with non-zero denominators: P = R = 0 -> F1 denominator 0
+    # TP = 0 with non-zero denominators: P = R = 0 -> F1 = 0 (the limit), noted; the original raises
+    r = score_pope(["no", "yes"], ["yes", "no"])
+    assert (r.precision, r.recall, r.f1) == (0.0, 0.0, 0.0) and r.notes["f1"].startswith("0: precision = recall = 0")
     with pytest.raises(ZeroDivisionError, match="F1"):
-        score_pope(["no", "yes"], ["yes", "no"])
+        score_pope(["no", "yes"], ["yes", "no"], zero_division="raise")
 
 
 def test_errors():

@@ -119,7 +119,8 @@ def register_commands(app: typer.Typer) -> None:
         for b, m in metrics["benchmarks"].items():
             head = m.get("headline")
             typer.echo(f"{b}: {m.get('headline_name') or 'not scored'} = "
-                       f"{head if head is not None else m.get('score_error')} (n={m['n']}, errors={m['n_errors']}, "
+                       f"{head if head is not None else m.get('headline_note') or m.get('score_error')} "
+                       f"(n={m['n']}, errors={m['n_errors']}, "
                        f"visual tokens {m.get('visual_tokens_before')} -> {m.get('visual_tokens_after')})")
         typer.echo(f"run folder: {out}")
         _report_problems(metrics)

@@ -26,6 +26,7 @@ class PopeRule(str, Enum):
 class ChairVariant(str, Enum):
     opera = "opera"
     original = "original"
+    synthetic = "synthetic"
 
 
 class MMERule(str, Enum):
@@ -38,6 +39,13 @@ class ZeroDivision(str, Enum):
     original = "original"
     raise_ = "raise"
     zero = "zero"
+
+
+class PopeZeroDivision(str, Enum):
+    original = "original"
+    raise_ = "raise"
+    zero = "zero"
+    undefined = "undefined"
 
 
 def _fail(msg: str) -> None:
@@ -54,8 +62,8 @@ def _err_text(e: BaseException, flags: dict[str, str]) -> str:
     return with_flags(text, flags)
 
 
-def _zd(z: ZeroDivision) -> str | None:
-    return None if z == ZeroDivision.original else z.value
+def _zd(z) -> str | None:
+    return None if z.value == "original" else z.value
 
 
 def _print_json(obj) -> None:
@@ -78,7 +86,18 @@ def _print(table) -> None:
 
 
 def _pct(v) -> str:
-    return f"{v * 100:.2f}"
+    return "n/a" if v is None else f"{v * 100:.2f}"
+
+
+_NA_SHORT = {"precision": "no yes answers", "recall": "no yes labels"}
+
+
+def _pct_note(v, notes: dict, key: str) -> str:
+    """A percentage, or "n/a (why)" for an undefined POPE metric."""
+    if v is not None:
+        return _pct(v)
+    why = next((short for k, short in _NA_SHORT.items() if k in notes and notes[k] == notes.get(key)), None)
+    return f"n/a ({why})" if why else "n/a"
 
 
 @score_app.command("pope")
@@ -91,8 +110,10 @@ def pope_cmd(
     answer_key: str | None = typer.Option(None, "--answer-key", help="read answers from this key only"),
     align: str = typer.Option("auto", "--align", help="auto (check question ids if present) | position | "
                               "question_id (reorder answers by id)"),
-    zero_division: ZeroDivision = typer.Option(ZeroDivision.original, "--zero-division",
-                                               help="original: like the rule's original script; raise; zero"),
+    zero_division: PopeZeroDivision = typer.Option(
+        PopeZeroDivision.original, "--zero-division",
+        help="original: the rule's original value where it defines one (lmms_eval, vlmevalkit: 0), else undefined "
+             "(official/opera/vcd crash on 0/0: the metric is reported n/a with the reason); raise; zero; undefined"),
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
 ) -> None:
     """POPE accuracy / precision / recall / F1 / yes-ratio per split, plus the mean over splits."""
@@ -111,13 +132,20 @@ def pope_cmd(
     t = _table(f"POPE (rule: {rule.value}; %)", ["split", "N", "Acc", "Prec", "Rec", "F1", "Yes", "TP", "FP", "TN",
                                                  "FN", "other"])
     for name, r in rep.splits.items():
-        t.add_row(name, str(r.n), _pct(r.accuracy), _pct(r.precision), _pct(r.recall), _pct(r.f1), _pct(r.yes_ratio),
+        t.add_row(name, str(r.n), _pct(r.accuracy), _pct_note(r.precision, r.notes, "precision"),
+                  _pct_note(r.recall, r.notes, "recall"), _pct_note(r.f1, r.notes, "f1"), _pct(r.yes_ratio),
                   str(r.tp), str(r.fp), str(r.tn), str(r.fn), str(r.n_other))
     if len(rep.splits) > 1:
         a = rep.average
         t.add_row("average", "", _pct(a["accuracy"]), _pct(a["precision"]), _pct(a["recall"]), _pct(a["f1"]),
                   _pct(a["yes_ratio"]), "", "", "", "", "")
     _print(t)
+    for name, r in rep.splits.items():
+        for k, why in r.notes.items():
+            typer.echo(f"note: {name}: {'F1' if k == 'f1' else k} {why}")
+    if len(rep.splits) > 1:
+        for k, why in rep.average.get("notes", {}).items():
+            typer.echo(f"note: average: {'F1' if k == 'f1' else k} {why}")
 
 
 @score_app.command("chair")
@@ -131,7 +159,8 @@ def chair_cmd(
     coco_annotations: Path | None = typer.Option(None, "--coco-annotations", help="instead of --gt: COCO 2014 "
                                                     "annotations dir (instances_* + captions_*); slow"),
     variant: ChairVariant = typer.Option(ChairVariant.opera, "--variant", help="opera (NLTK WordNet; OPERA/HALC/"
-                                         "lmms-eval) or original (pattern singularize; Rohrbach et al.)"),
+                                         "lmms-eval), original (pattern singularize; Rohrbach et al.) or synthetic "
+                                         "(the synthetic scenes of vtoolkit demo / ref:shapes; no NLTK data)"),
     image_id_key: str = typer.Option("image_id", "--image-id-key"),
     caption_key: str = typer.Option("caption", "--caption-key"),
     synonyms: Path | None = typer.Option(None, "--synonyms", help="custom synonym file (one line per object, "

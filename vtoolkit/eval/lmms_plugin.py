@@ -6,6 +6,30 @@ shipped in the package) or ``tiny:<arch>`` (offline tiny random model);
 a method option (``keep_ratio=0.1``). Loader options: ``dtype`` (auto|float16|bfloat16|float32), ``device_map``,
 ``attn_implementation``, ``max_new_tokens`` (a cap on the task's value), ``batch_size``.
 
+Composition and list values in ``--model_args``
+-----------------------------------------------
+lmms-eval splits ``--model_args`` on commas (not inside ``[...]``, ``{...}`` or quotes) and turns ``true``/``false``
+and numbers into bool/int/float; everything else reaches the plugin as a string, which the plugin reads as follows:
+
+- ``method=fastervlm+vhr`` composes methods (as ``vt.apply_method(model, ["fastervlm", "vhr"])``; each part may be
+  a preset YAML). An option goes to the one composed method that has it (``keep_ratio=0.1`` -> fastervlm); an
+  option that several of them have must be prefixed: ``vhr.seed=1``. An option no composed method has is an error.
+- A list: ``sink_dims=0;1;2`` (``;``-separated, each item read as a YAML scalar; ``sink_dims=5;`` is the one-item
+  list ``[5]``), or a JSON / YAML flow value ``sink_dims=[0,1,2]`` (also ``{...}``; quote it for the shell:
+  ``--model_args 'pretrained=ref:shapes,method=var,sink_dims=[0,1,2]'``). Surrounding quotes are removed.
+
+Every method and option is checked before the model is loaded.
+
+Errors
+------
+lmms-eval 0.7.3's ``cli_evaluate`` catches every ``Exception`` raised while it evaluates (the model's constructor
+and requests included), prints the traceback, logs "Error during evaluation" and exits **0**. So when the plugin runs
+under that CLI, an error in the plugin prints ``error: vtoolkit lmms-eval plugin: <Type>: <message>`` to stderr and
+exits through :class:`PluginExit` (a ``SystemExit``, which ``except Exception`` does not catch): status **2** for a
+wrong setting (the constructor: method, option, model path), **1** for an error while answering requests. With
+``--verbosity DEBUG`` the original exception is raised instead (lmms-eval re-raises it: traceback, status 1). Called
+from Python (``lmms_eval.evaluator.simple_evaluate``), the plugin raises the original exception unchanged.
+
 Registration with lmms-eval 0.7.3
 ---------------------------------
 0.7.3 resolves ``--model NAME`` through ``MODEL_REGISTRY_V2``, which is filled from built-in manifests, the deprecated
@@ -20,6 +44,9 @@ applied), ``loglikelihood`` (sum of continuation log-probs + greedy flag, one re
 """
 from __future__ import annotations
 
+import functools
+import os
+import sys
 from typing import Any
 
 import torch
@@ -29,6 +56,111 @@ MODEL_ID = "vtoolkit"
 CLASS_PATH = "vtoolkit.eval.lmms_plugin.VToolkitLMM"
 _LOADER_KEYS = {"pretrained", "method", "dtype", "device_map", "attn_implementation", "max_new_tokens", "batch_size",
                 "max_batch_size", "device", "trust_remote_code", "seed"}
+
+
+class PluginExit(SystemExit):
+    """The plugin's exit under lmms-eval's CLI (which swallows ``Exception``); ``__cause__`` is the original error."""
+
+
+def _under_lmms_cli() -> bool:
+    """Whether lmms-eval's ``cli_evaluate`` (the function that catches every Exception and exits 0) is on the stack."""
+    f = sys._getframe(1)
+    while f is not None:
+        c = f.f_code
+        if c.co_name == "cli_evaluate" and c.co_filename.replace("\\", "/").endswith("lmms_eval/__main__.py"):
+            return True
+        f = f.f_back
+    return False
+
+
+def _exits_under_cli(code: int):
+    """Decorator: under lmms-eval's CLI an exception becomes a one-line ``error:`` message and exit status ``code``."""
+    def deco(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except Exception as e:
+                if os.environ.get("VERBOSITY", "").upper() == "DEBUG" or not _under_lmms_cli():
+                    raise
+                msg = " ".join(str(e).split()) if str(e) else ""
+                print(f"error: vtoolkit lmms-eval plugin: {type(e).__name__}: {msg}", file=sys.stderr, flush=True)
+                raise PluginExit(code) from e
+        return wrapper
+    return deco
+
+
+def _option_value(value: Any) -> Any:
+    """A ``--model_args`` value as the method expects it: ``a;b;c`` -> list, ``[..]`` / ``{..}`` -> parsed, quotes
+    removed; numbers and booleans (already converted by lmms-eval) unchanged."""
+    from vtoolkit.config import ConfigError, parse_value
+
+    if not isinstance(value, str):
+        return value
+    v = value.strip()
+    if len(v) >= 2 and v[0] == v[-1] and v[0] in "'\"":
+        v = v[1:-1].strip()
+    if v[:1] in "[{":
+        import yaml
+
+        try:
+            return yaml.safe_load(v)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--model_args value {value!r} is not valid JSON/YAML: {' '.join(str(e).split())}") \
+                from None
+    if ";" in v:
+        return [parse_value(x.strip()) for x in v.split(";") if x.strip()]
+    return v
+
+
+def resolve_methods(method: str, options: dict[str, Any]):
+    """``method`` (``"a"`` or ``"a+b"``, parts may be preset YAMLs) and the method options of ``--model_args`` ->
+    what :func:`vtoolkit.apply_method` takes: ``(name, options)`` for one method, a list of ``(name, options)`` pairs
+    for a composition. Checks names, option names and values (ConfigError naming the option) without a model."""
+    from vtoolkit.api import _check_compatible
+    from vtoolkit.config import ConfigError, load_method_preset
+    from vtoolkit.registry import get_method
+
+    parts = [m.strip() for m in str(method).split("+")]
+    if not all(parts):
+        raise ConfigError(f"method={method!r}: write one method name, or several joined by '+' "
+                          f"(method=fastervlm+vhr)")
+    names, opts = [], []
+    for part in parts:
+        preset = {}
+        if part.endswith((".yaml", ".yml")):
+            part, preset = load_method_preset(part)
+        names.append(get_method(part).name)
+        opts.append({k: _option_value(v) for k, v in preset.items()})
+    if len(set(names)) != len(names):
+        raise ConfigError(f"method={method!r} names the same method twice")
+    specs = [get_method(n) for n in names]
+    for key, value in options.items():
+        value = _option_value(value)
+        prefix, _, field = key.rpartition(".")
+        if prefix:
+            if prefix not in names:
+                raise ConfigError(f"option {key!r}: {prefix!r} is not one of the composed methods ({', '.join(names)})")
+            opts[names.index(prefix)][field] = value
+            continue
+        if len(names) == 1:
+            opts[0][key] = value
+            continue
+        owners = [i for i, s in enumerate(specs) if key in s.config_cls.field_names()]
+        if not owners:
+            raise ConfigError(f"option {key!r} is not an option of any composed method ({', '.join(names)}); "
+                              + "; ".join(f"{s.name}: {', '.join(s.config_cls.field_names())}" for s in specs))
+        if len(owners) > 1:
+            raise ConfigError(f"option {key!r} is an option of several composed methods "
+                              f"({', '.join(names[i] for i in owners)}): write "
+                              + " or ".join(f"{names[i]}.{key}=..." for i in owners))
+        opts[owners[0]][key] = value
+    for spec, o in zip(specs, opts):   # names, types and ranges, before any model is loaded
+        spec.config_cls.check_keys(o)
+        spec.config_cls(**o)
+    _check_compatible(specs, [])
+    pairs = list(zip(names, opts))
+    return pairs[0] if len(pairs) == 1 else pairs
 
 
 def manifests():
@@ -51,25 +183,27 @@ class VToolkitLMM(lmms):
 
     is_simple = True
 
+    @_exits_under_cli(2)
     def __init__(self, pretrained: str, method: str = "none", dtype: str = "auto", device_map: str | None = None,
                  attn_implementation: str | None = None, max_new_tokens: int | None = None, batch_size: int = 1,
                  max_batch_size: int | None = None, device: str | None = None, trust_remote_code: bool = False,
                  seed: int = 0, **method_options: Any) -> None:
         super().__init__()
         import vtoolkit as vt
-        from vtoolkit.config import load_method_preset
         from vtoolkit.eval.runner import load_model
 
+        methods = resolve_methods(method, method_options)   # every setting checked before the model is loaded
         if device_map is None and device is not None and str(device).startswith("cuda") and torch.cuda.is_available():
             device_map = str(device)  # lmms-eval passes --device; with device_map unset the runner picks LOCAL_RANK
         self.model, self.processor = load_model(str(pretrained), dtype=dtype, device_map=device_map,
                                                 attn_implementation=attn_implementation,
                                                 trust_remote_code=bool(trust_remote_code), seed=int(seed))
-        if str(method).endswith((".yaml", ".yml")):
-            method, preset = load_method_preset(method)
-            method_options = {**preset, **method_options}
-        self.method = str(method)
-        self.handle = vt.apply_method(self.model, self.method, **method_options)
+        self.method = "+".join(n for n, _ in (methods if isinstance(methods, list) else [methods]))
+        self.handle = vt.apply_method(self.model, methods)
+        if self.rank == 0:   # what was applied, with the parsed option values (a list is a list, not a string)
+            applied = " + ".join(f"{n}({', '.join(f'{k}={v!r}' for k, v in o.items())})"
+                                 for n, o in (methods if isinstance(methods, list) else [methods]))
+            print(f"vtoolkit lmms-eval plugin: {pretrained}: applied {applied}", file=sys.stderr, flush=True)
         self.adapter = vt.models.get_adapter(self.model)
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
         self.max_new_tokens_cap = int(max_new_tokens) if max_new_tokens is not None else None
@@ -115,6 +249,7 @@ class VToolkitLMM(lmms):
         return kw, until
 
     # -- lmms API -----------------------------------------------------------------------------------------------
+    @_exits_under_cli(1)
     def generate_until(self, requests) -> list[str]:
         from tqdm.auto import tqdm
 
@@ -147,6 +282,7 @@ class VToolkitLMM(lmms):
         bar.close()
         return [r if r is not None else "" for r in results]
 
+    @_exits_under_cli(1)
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:
         out = []
         for req in requests:
@@ -176,5 +312,6 @@ class VToolkitLMM(lmms):
             self.cache_hook.add_partial("loglikelihood", (context, cont), (out[-1][0], greedy))
         return out
 
+    @_exits_under_cli(1)
     def generate_until_multi_round(self, requests):
         raise NotImplementedError("vtoolkit's lmms-eval plugin does not support multi-round generation yet")

@@ -1,6 +1,6 @@
 """Evaluation protocols: the prompt, generation settings and scoring rule of each benchmark, in one place.
 
-Defaults follow the protocols papers use (``shared/docs/benchmarks.md``):
+Defaults follow the protocols papers use (each default names its origin in ``source``):
 
 - **POPE**: the question + ``"\\nAnswer the question using a single word or phrase."`` (LLaVA-1.5's eval scripts and
   lmms-eval's default), greedy, ``max_new_tokens=128`` (LLaVA / lmms-eval; OPERA uses 10), scored with the official
@@ -13,9 +13,11 @@ Defaults follow the protocols papers use (``shared/docs/benchmarks.md``):
   ``max_new_tokens=512`` (OPERA's script; the short-caption setting uses 64); ``wordnet`` (OPERA) tokenizer profile.
 
 Scoring follows ``vtoolkit score`` exactly, defaults included: ``zero_division=None`` behaves like the rule's
-original script, so a metric with a zero denominator (POPE precision when no answer is "yes", CHAIRi when no caption
-mentions an object) leaves the benchmark *not scored*, with the reason, instead of reporting 0;
-``--set pope.zero_division=zero`` (``--zero-division zero`` for ``vtoolkit score``) reports 0 instead.
+original script where it defines a value (lmms-eval, VLMEvalKit: 0); where the original divides without a guard and
+crashes (official POPE: precision when no answer is "yes"), the metric is reported as *undefined* (``null``, with a
+note) and the benchmark is still scored; for CHAIR (CHAIRi when no caption mentions an object) it leaves the benchmark
+*not scored*, with the reason. ``--set pope.zero_division=zero`` (``--zero-division zero`` for ``vtoolkit score``)
+reports 0 instead.
 
 Every field can be overridden (``--set pope.max_new_tokens=10``; names, types and ranges are checked), and the
 resolved protocol is written to each run's ``config.json``. :data:`SCORING_FIELDS` only change how predictions are
@@ -57,7 +59,7 @@ class Protocol:
     zero_division: str | None = None    # None: as the rule's original script (may leave the bench not scored); zero
     n_images: int | None = None         # CHAIR subset size (None: all)
     seed: int = 0                       # CHAIR subset seed
-    source: str = ""                    # where the defaults come from (documentation, recorded with the run)
+    source: str = ""                    # where the defaults come from, + "this run uses instead: k=v" (overrides)
     extra: dict = field(default_factory=dict)
 
     def build_question(self, question: str | None) -> str:
@@ -90,8 +92,10 @@ class Protocol:
             bad.append(f"temperature must be > 0 (or null), got {self.temperature}")
         if self.n_images is not None and self.n_images < 1:
             bad.append(f"n_images must be >= 1 (or null for all), got {self.n_images}")
-        if self.zero_division not in (None, "raise", "zero"):
-            bad.append(f"zero_division must be null, raise or zero, got {self.zero_division!r}")
+        allowed = (None, "raise", "zero", "undefined") if self.bench == "pope" else (None, "raise", "zero")
+        if self.zero_division not in allowed:
+            bad.append(f"zero_division must be null, {', '.join(a for a in allowed if a)}, got "
+                       f"{self.zero_division!r}")
         if self.bench in RULES and self.scorer_rule not in RULES[self.bench]:
             bad.append(f"scorer_rule must be one of {', '.join(RULES[self.bench])}, got {self.scorer_rule!r}")
         if bad:
@@ -132,4 +136,8 @@ def resolve_protocol(bench: str, overrides: Mapping[str, Any] | None = None) -> 
     overrides = check_field_types(Protocol, overrides, owner=f"{bench} protocol")
     proto = dataclasses.replace(base, **overrides)
     proto.check()
+    changed = {k: v for k, v in overrides.items() if k != "source" and v != getattr(base, k)}
+    if changed and "source" not in overrides:   # the defaults' origin, then what this run uses instead
+        proto = dataclasses.replace(proto, source=f"{base.source}; this run uses instead: "
+                                                  + ", ".join(f"{k}={v!r}" for k, v in changed.items()))
     return proto

@@ -119,7 +119,8 @@ def build_table(run_dirs: Sequence[str | Path]):
                    "score": b.get("headline"), "higher_is_better": b.get("higher_is_better", True),
                    "visual_tokens": b.get("visual_tokens_after"), "visual_tokens_before": b.get("visual_tokens_before"),
                    "latency_ms": (b["latency_s"] * 1e3) if isinstance(b.get("latency_s"), (int, float)) else None,
-                   "n": b.get("n"), "n_errors": b.get("n_errors"), "score_error": b.get("score_error")}
+                   "n": b.get("n"), "n_errors": b.get("n_errors"), "score_error": b.get("score_error"),
+                   "score_note": b.get("headline_note")}
             for name, path in _SECONDARY.get(bench, []):
                 row[f"{bench}.{name}"] = _get(b, path)
             rows.append(row)
@@ -176,6 +177,9 @@ def to_markdown(df, columns: Sequence[str]) -> str:
             v = r[c]
             if c == "delta" and _num(v):
                 cells.append(f"{v:+.4g}")
+            elif c == "score" and not _num(v) and isinstance(r.get("score_note"), str):
+                # scored, but the metric is undefined (POPE F1 when no answer is "yes")
+                cells.append(_md_cell(f"n/a ({r['score_note'].removeprefix('undefined: ')})"))
             else:
                 cells.append(_md_cell(v))
         lines.append("| " + " | ".join(cells) + " |")

@@ -518,10 +518,12 @@ def run_problems(metrics: Mapping) -> tuple[list[str], list[str]]:
         first = m["errors"][0] if m.get("errors") else None
         rows = (f"{m['n_errors']} of {m['n']} rows failed (first: {first['id']}: {first['error']})"
                 if first else "")
-        if m.get("headline") is None:
+        if m.get("headline") is None and not m.get("headline_note"):
             errors.append(f"{b}: not scored: {m.get('score_error')}" + (f"; {rows}" if rows else ""))
         elif rows:
             warnings.append(f"{b}: {rows}; scored over the other {m['n_scored']}")
+        if m.get("headline_note"):   # scored, but the headline metric is undefined (POPE F1 with no "yes" answer)
+            warnings.append(f"{b}: {m.get('headline_name')} {m['headline_note']}")
     return errors, warnings
 
 
@@ -545,8 +547,11 @@ def _score_pope(valid, protocol, dataset) -> dict:
     splits = {s: (answers[s][0], labels[s][0], answers[s][1], labels[s][1]) for s in labels}
     rep = score_pope_splits(splits, protocol.scorer_rule, zero_division=protocol.zero_division)
     d = rep.to_dict()
-    return {"splits": d["splits"], "average": d["average"], "headline": d["average"]["f1"],
-            "headline_name": "POPE F1 (mean over splits)", "higher_is_better": True}
+    out = {"splits": d["splits"], "average": d["average"], "headline": d["average"]["f1"],
+           "headline_name": "POPE F1 (mean over splits)", "higher_is_better": True}
+    if out["headline"] is None:   # scored; F1 undefined (no "yes" answer): say so instead of a number
+        out["headline_note"] = d["average"]["notes"].get("f1", "undefined")
+    return out
 
 
 def _one_line(s: str) -> str:

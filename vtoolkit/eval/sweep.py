@@ -12,6 +12,7 @@ Sweep file (YAML, ``safe_load``)::
     limit: null
     batch_size: 8
     out: runs/fastervlm_pope          # optional (default runs/<name>)
+    prepare: python make_data.py      # optional: the command that writes ``data``; named when a data path is missing
     methods:
       - method: fastervlm
         preset: configs/methods/fastervlm.yaml   # optional: options from a preset, then the grid on top
@@ -43,7 +44,7 @@ from vtoolkit.config import ConfigError, load_method_preset, load_yaml
 __all__ = ["check_sweep", "expand_grid", "load_sweep", "run_sweep"]
 
 SWEEP_KEYS = ("name", "model", "dtype", "device_map", "attn_implementation", "seed", "benchmarks", "data", "protocol",
-              "limit", "batch_size", "out", "methods")
+              "limit", "batch_size", "out", "methods", "prepare")
 ENTRY_KEYS = ("method", "preset", "options", "grid")
 
 
@@ -188,6 +189,12 @@ def check_sweep(spec: Mapping, path: str | Path,
                            seed=spec.get("seed", 0), names=n)
         except ConfigError as e:
             problems += e.problems
+    if isinstance(spec.get("prepare"), str) and any(" path: " in p and p.endswith("no such file or folder")
+                                                    for p in problems):
+        problems.append(f"{where}its data is written by (run it first, from the folder you run the sweep in): "
+                        f"{spec['prepare']}")
+    elif "prepare" in spec and not isinstance(spec["prepare"], str):
+        problems.append(f"{where}prepare: must be a command (a string), got {spec['prepare']!r}")
     points = expand_grid(spec, path, problems)
     try:
         model_type = check_model(spec.get("model"))

@@ -1,7 +1,7 @@
 """CHAIR (Caption Hallucination Assessment with Image Relevance; Rohrbach, Hendricks et al., EMNLP 2018).
 
 Pure Python apart from ``nltk`` (optional extra ``chair``), which is imported lazily. Both variants reproduce the
-original scripts' numbers exactly on ``shared/data/chair`` (``shared/docs/benchmarks.md`` §2).
+original scripts' numbers exactly on OPERA's released caption logs and hand-made cases (``tests/test_scorers_chair.py``).
 
 Variants (``variant=``)
 -----------------------
@@ -43,14 +43,14 @@ at all, or an empty total GT) raises ZeroDivisionError, as both originals do; ``
 Ground truth: GT(img) = {node word of every COCO instance annotation's category} | {node words of the mentions in
 each of the image's reference captions}, over COCO 2014 train+val, built with the *same* variant. Use
 :func:`build_gt_from_coco` (instances_*2014.json + captions_*2014.json) or load a prebuilt ``{image_id: [objects]}``
-file (``.json`` or ``.json.gz``, e.g. ``shared/data/chair/coco2014_trainval_gt_objects_opera_wordnet.json.gz``)
+file (``.json`` or ``.json.gz``, e.g. the GT :func:`build_gt_from_coco` returns, saved once as JSON)
 with :func:`load_gt`, optionally overlaid with a per-image diff (``..._maxlinn_pattern_diff.json`` gives the GT of the
 ``original`` variant). Unlike the originals (a ``defaultdict``: unknown ids silently get an empty GT), an image id
 missing from the GT raises KeyError unless ``unknown_image="empty"``.
 
 NLTK data (offline): ``punkt_tab`` and ``averaged_perceptron_tagger_eng`` and ``wordnet`` (NLTK >= 3.9; the
-``original`` variant needs only ``punkt_tab``). Point ``NLTK_DATA`` at a folder holding them (tests use
-``shared/data/nltk_data``); a missing resource raises :class:`ChairResourceError` naming the ``nltk.download(...)``
+``original`` variant needs only ``punkt_tab``; the ``synthetic`` variant none). Point ``NLTK_DATA`` at a folder
+holding them; a missing resource raises :class:`ChairResourceError` naming the ``nltk.download(...)``
 calls. NLTK 3.10.1 changed one apostrophe rule of ``word_tokenize``; with ``nltk_compat="3.9"`` (default) we
 tokenize with the NLTK 3.9.1-3.10.0 rule whatever NLTK is installed, so Len matches the fixtures (and OPERA's
 published numbers) exactly; ``nltk_compat="installed"`` uses the installed ``nltk.word_tokenize`` unchanged (Len of
@@ -394,8 +394,9 @@ def _check_resources(roles: Sequence[str]) -> None:
         calls = "; ".join(f"nltk.download({n!r})" for n in missing)
         raise ChairResourceError(
             f"CHAIR needs the NLTK data package(s) {missing}, which were not found on the NLTK data path "
-            f"{list(nltk.data.path)[:4]}... Either set NLTK_DATA to a folder that holds them (offline copy, e.g. "
-            f"shared/data/nltk_data) or run once with network access: python -c \"import nltk; {calls}\"")
+            f"{list(nltk.data.path)[:4]}... Either set NLTK_DATA to a folder that holds them (an offline copy, made on a "
+            f"machine with network access by: python -m nltk.downloader -d DIR {' '.join(missing)}) or run once with "
+            f"network access: python -c \"import nltk; {calls}\"")
 
 
 class _NltkBackend:

@@ -2,10 +2,10 @@
 
 Pure Python, no model imports. Input is the official eval-tool layout: a results directory with one
 ``<subtask>.txt`` per subtask, each line ``image_name<TAB>question<TAB>GT (Yes|No)<TAB>model response``, the two
-questions of an image on consecutive lines (``shared/docs/benchmarks.md`` §3).
+questions of an image on consecutive lines.
 
-Rules (``rule=``), each reproducing its original's floats exactly on ``shared/data/mme``
------------------------------------------------------------------------------------------
+Rules (``rule=``), each reproducing its original's floats exactly (``tests/test_scorers_mme.py``)
+-------------------------------------------------------------------------------------------
 ``official`` (default) -- ``eval_tool/calculation.py`` (BradyFU/Awesome-Multimodal-Large-Language-Models, branch
     Evaluation @dd29509). Response ``r`` (lower-cased): exactly "yes"/"no" -> itself; else look only at ``r[:4]``:
     contains "yes" -> yes, elif contains "no" -> no, else **other** (always wrong). Images = consecutive line pairs.

@@ -1,7 +1,7 @@
 """POPE scorer (Li et al., EMNLP 2023): yes/no answer parsing + accuracy / precision / recall / F1 / yes-ratio.
 
-Pure Python, no model imports. Every rule below reproduces one original scorer *exactly* (same floats) on the fixtures
-in ``shared/data/pope/scorer_cases`` (see ``shared/docs/benchmarks.md`` §1.4-1.6).
+Pure Python, no model imports. Every rule below reproduces one original scorer *exactly* (same floats) on hand-worked
+cases and the original scripts' outputs (the test suite checks them: ``tests/test_scorers_pope.py``).
 
 Answer-parsing rules (``rule=``)
 --------------------------------
@@ -38,11 +38,22 @@ Metrics (positive class = yes), over the N questions of one split
 
 Division by zero (``zero_division=``)
 -------------------------------------
-``None`` (default) behaves like the original of the rule: ``official``, ``opera`` and ``vcd`` divide without guards,
-so ``TP + FP == 0``, ``TP + FN == 0`` or ``P + R == 0`` raise :class:`ZeroDivisionError` (with a message saying which
-ratio); ``lmms_eval`` and ``vlmevalkit`` return 0 for a ratio with a zero denominator (lmms-eval returns the *int*
-0, kept as is). ``zero_division="raise"`` or ``"zero"`` forces one behaviour for every rule. ``N == 0`` is a
-ValueError for every rule.
+``None`` (default) behaves like the original of the rule where the original defines a value: ``lmms_eval`` and
+``vlmevalkit`` return 0 for a ratio with a zero denominator (lmms-eval returns the *int* 0, kept as is). ``official``,
+``opera`` and ``vcd`` divide without guards, so their scripts crash with ZeroDivisionError and define no value; for
+them the default reports the metric as **undefined**: the value is ``None`` (``null`` in JSON, "n/a" in tables) and
+``notes[metric]`` says why:
+
+- precision when ``TP + FP == 0``: "undefined: no 'yes' answers (TP + FP = 0)" -- e.g. a model that answers every
+  question "No" (accuracy, recall = 0 and the yes-ratio are still reported);
+- recall when ``TP + FN == 0``: "undefined: no 'yes' labels (TP + FN = 0)";
+- F1 when precision or recall is undefined (same note);
+- F1 when ``P == R == 0`` (defined, no true positive): 0.0, the limit of ``2PR/(P+R)`` and the value of
+  ``2TP / (2TP + FP + FN)``, with a note (a model that is wrong on every yes-question has F1 0, not "undefined").
+
+``zero_division="undefined"`` forces this for every rule, ``"raise"`` raises :class:`ZeroDivisionError` as the
+unguarded scripts do, ``"zero"`` reports 0. ``N == 0`` is a ValueError for every rule. The mean over splits of a
+metric that is undefined in some split is undefined too (``None``, noted with the splits).
 
 Deviations from the originals (all stricter, none changes a number)
 -------------------------------------------------------------------
@@ -80,6 +91,7 @@ __all__ = [
 Rule = Literal["official", "opera", "vcd", "lmms_eval", "vlmevalkit"]
 POPE_RULES: tuple = ("official", "opera", "vcd", "lmms_eval", "vlmevalkit")
 _GUARDED = {"lmms_eval", "vlmevalkit"}  # rules whose original guards zero denominators
+ZERO_DIVISION = (None, "raise", "zero", "undefined")
 ANSWER_KEYS = ("answer", "text", "prediction", "pred", "response", "output")
 LABEL_KEYS = ("label", "answer", "gt_answer", "ground_truth")
 
@@ -143,13 +155,14 @@ class PopeResult:
     fn: int
     n_other: int
     accuracy: float
-    precision: float
-    recall: float
-    f1: float
+    precision: float | None     # None: undefined (see ``notes``)
+    recall: float | None
+    f1: float | None
     yes_ratio: float
     pred_yes_ratio: float
     split: str | None = None
     preds: list = field(default_factory=list, repr=False)
+    notes: dict = field(default_factory=dict)   # metric -> why it is undefined (or 0 by convention)
 
     def to_dict(self, with_preds: bool = False) -> dict:
         d = asdict(self)
@@ -177,14 +190,52 @@ class PopeReport:
         return {"rule": self.rule, "splits": {k: v.to_dict() for k, v in self.splits.items()}, "average": self.average}
 
 
-def _ratio(num, den, what: str, guarded: bool, rule: str):
+UNDEFINED_NOTES = {"precision": "undefined: no 'yes' answers (TP + FP = 0)",
+                   "recall": "undefined: no 'yes' labels (TP + FN = 0)"}
+
+
+class _Undefined(Exception):
+    """A ratio with a zero denominator under ``zero_division='undefined'``."""
+
+
+def _ratio(num, den, what: str, mode: str, rule: str):
     if den == 0:
-        if guarded:
+        if mode == "zero":
             return 0
+        if mode == "undefined":
+            raise _Undefined(what)
         raise ZeroDivisionError(
             f"POPE {what} is undefined ({what} denominator is 0); the original '{rule}' scorer raises here too. "
-            f"Pass zero_division='zero' to report 0 instead.")
+            f"Pass zero_division='zero' to report 0 instead, or zero_division='undefined' to report it as "
+            f"undefined.")
     return num / den
+
+
+def _metrics(tp: int, fp: int, fn: int, rule: str, mode: str) -> tuple:
+    """``(precision, recall, f1, notes)`` with the rule's arithmetic; ``mode`` is raise | zero | undefined."""
+    notes: dict = {}
+    f = (lambda x: x) if rule in ("lmms_eval", "vlmevalkit") else float
+
+    def ratio(num, den, what):
+        try:
+            return _ratio(f(num), f(den), what, mode, rule)
+        except _Undefined:
+            notes[what] = UNDEFINED_NOTES[what]
+            return None
+
+    precision = ratio(tp, tp + fp, "precision")
+    recall = ratio(tp, tp + fn, "recall")
+    if precision is None or recall is None:
+        f1 = None
+        notes["f1"] = notes.get("precision") or notes["recall"]
+    elif precision + recall == 0 and mode == "undefined":
+        f1 = 0.0
+        notes["f1"] = "0: precision = recall = 0 (no true positives; the limit of 2PR/(P+R), = 2TP/(2TP+FP+FN))"
+    elif rule in ("lmms_eval", "vlmevalkit"):
+        f1 = _ratio(2 * (precision * recall), precision + recall, "F1", mode, rule)
+    else:
+        f1 = _ratio(2 * precision * recall, precision + recall, "F1", mode, rule)
+    return precision, recall, f1, notes
 
 
 def _align(answers: Sequence, labels: Sequence, answer_ids, label_ids, align: str):
@@ -214,7 +265,7 @@ def _align(answers: Sequence, labels: Sequence, answer_ids, label_ids, align: st
 
 
 def score_pope(answers: Sequence[str], labels: Sequence[str], rule: Rule = "official", *,
-               zero_division: Literal["raise", "zero"] | None = None,
+               zero_division: Literal["raise", "zero", "undefined"] | None = None,
                answer_ids: Sequence | None = None, label_ids: Sequence | None = None,
                align: Literal["auto", "position", "question_id"] = "auto", split: str | None = None) -> PopeResult:
     """Score one POPE split. ``answers`` are the raw model outputs, ``labels`` the gold "yes"/"no" strings.
@@ -223,14 +274,14 @@ def score_pope(answers: Sequence[str], labels: Sequence[str], rule: Rule = "offi
     """
     if rule not in POPE_RULES:
         raise ValueError(f"unknown POPE rule {rule!r}; choose one of {list(POPE_RULES)}")
-    if zero_division not in (None, "raise", "zero"):
-        raise ValueError("zero_division must be None, 'raise' or 'zero'")
+    if zero_division not in ZERO_DIVISION:
+        raise ValueError("zero_division must be None, 'raise', 'zero' or 'undefined'")
     answers = _align(list(answers), list(labels), answer_ids, label_ids, align)
     n = len(labels)
     if n == 0:
         raise ValueError("POPE: no questions to score")
     labs = [_norm_label(lab, f"label #{i + 1}") for i, lab in enumerate(labels)]
-    guarded = (rule in _GUARDED) if zero_division is None else (zero_division == "zero")
+    mode = zero_division or ("zero" if rule in _GUARDED else "undefined")
 
     tp = fp = tn = fn = other = 0
     preds = []
@@ -256,14 +307,7 @@ def score_pope(answers: Sequence[str], labels: Sequence[str], rule: Rule = "offi
         preds.append(p)
 
     accuracy = (tp + tn) / n
-    if rule in ("lmms_eval", "vlmevalkit"):
-        precision = _ratio(tp, tp + fp, "precision", guarded, rule)
-        recall = _ratio(tp, tp + fn, "recall", guarded, rule)
-        f1 = _ratio(2 * (precision * recall), precision + recall, "F1", guarded, rule)
-    else:
-        precision = _ratio(float(tp), float(tp + fp), "precision", guarded, rule)
-        recall = _ratio(float(tp), float(tp + fn), "recall", guarded, rule)
-        f1 = _ratio(2 * precision * recall, precision + recall, "F1", guarded, rule)
+    precision, recall, f1, notes = _metrics(tp, fp, fn, rule, mode)
     pred_yes_ratio = (tp + fp) / n
     if rule == "lmms_eval":
         yes_ratio = labs.count("yes") / n  # lmms-eval bug, reproduced: label-based
@@ -271,7 +315,7 @@ def score_pope(answers: Sequence[str], labels: Sequence[str], rule: Rule = "offi
         yes_ratio = pred_yes_ratio
     return PopeResult(rule=rule, n=n, tp=tp, fp=fp, tn=tn, fn=fn, n_other=other, accuracy=accuracy,
                       precision=precision, recall=recall, f1=f1, yes_ratio=yes_ratio, pred_yes_ratio=pred_yes_ratio,
-                      split=split, preds=preds)
+                      split=split, preds=preds, notes=notes)
 
 
 _AVG_KEYS = ("accuracy", "precision", "recall", "f1", "yes_ratio", "pred_yes_ratio")
@@ -290,7 +334,17 @@ def score_pope_splits(splits: Mapping[str, tuple], rule: Rule = "official", **kw
         answers, labels, *ids = tup
         a_ids, l_ids = (ids + [None, None])[:2]
         res[name] = score_pope(answers, labels, rule, answer_ids=a_ids, label_ids=l_ids, split=name, **kwargs)
-    avg = {k: math.fsum(getattr(r, k) for r in res.values()) / len(res) for k in _AVG_KEYS}
+    avg: dict = {}
+    notes: dict = {}
+    for k in _AVG_KEYS:
+        undefined = [name for name, r in res.items() if getattr(r, k) is None]
+        if undefined:
+            avg[k] = None
+            why = res[undefined[0]].notes[k].removeprefix("undefined: ")
+            notes[k] = f"undefined: in split(s) {', '.join(undefined)}, {why}"
+        else:
+            avg[k] = math.fsum(getattr(r, k) for r in res.values()) / len(res)
+    avg["notes"] = notes
     avg.update({"pope_accuracy": avg["accuracy"], "pope_precision": avg["precision"], "pope_recall": avg["recall"],
                 "pope_f1_score": avg["f1"], "pope_yes_ratio": avg["yes_ratio"], "n_splits": len(res)})
     return PopeReport(rule=rule, splits=res, average=avg)
