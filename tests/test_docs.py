@@ -183,17 +183,12 @@ def test_methods_reference_has_every_method_and_every_cited_section():
         assert f"(`{r['name']}`)" in text, r["name"]
 
 
-# ``shared/`` (the project's working folder next to the repository) is not part of what users get. vtoolkit/eval and
-# configs/ still point there (issue 18 fixes those); everything else must not.
-FIXED_ELSEWHERE = ("vtoolkit/eval/", "configs/")
-
-
+# ``shared/`` (the project's working folder next to the repository) is not part of what users get: nothing
+# shipped (code, docs, configs, examples) may point there.
 def test_nothing_points_at_the_shared_folder():
     bad = []
     for f in _doc_sources():
         rel = f.relative_to(REPO).as_posix()
-        if rel.startswith(FIXED_ELSEWHERE):
-            continue
         for m in re.finditer(r"(?<![\w\-])(?:\.\./)*shared/[\w.\-]+", f.read_text(encoding="utf-8")):
             bad.append(f"{rel}: {m.group(0)}")
     assert not bad, "\n".join(bad)
