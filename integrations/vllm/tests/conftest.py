@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -40,10 +39,39 @@ def trace_file(tmp_path, monkeypatch) -> Path:
     return f
 
 
+_ENGINES: list = []
+
+
+@pytest.fixture(autouse=True)
+def _one_engine_at_a_time():
+    """In-process engines (VLLM_ENABLE_V1_MULTIPROCESSING=0) share the process's parallel groups: shut each test's
+    engine down before the next one starts (a late garbage collection would tear down the next engine's groups)."""
+    yield
+    if _ENGINES:
+        import gc
+
+        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+        for llm in _ENGINES:
+            try:
+                llm.llm_engine.engine_core.shutdown()
+            except Exception:  # noqa: BLE001 - best effort, the groups are torn down below
+                pass
+        _ENGINES.clear()
+        gc.collect()
+        cleanup_dist_env_and_memory()
+
+
 def make_llm(model_dir, vtoolkit=None, **kw):
     from vllm import LLM
 
     overrides = {} if vtoolkit is None else {"vtoolkit": vtoolkit}
+    llm = _make(LLM, model_dir, overrides, kw)
+    _ENGINES.append(llm)
+    return llm
+
+
+def _make(LLM, model_dir, overrides, kw):
     return LLM(model=str(model_dir), dtype="float32", max_model_len=512, enforce_eager=True,
                limit_mm_per_prompt={"image": 1, "video": 0}, hf_overrides=overrides, seed=0,
                max_num_seqs=4, **kw)

@@ -31,3 +31,9 @@ def register() -> None:
         ModelRegistry.register_model(arch, target)
     for arch in UNSERVED:
         ModelRegistry.register_model(arch, f"vtoolkit_vllm.unserved:{arch}")
+    import os
+
+    if os.environ.get("VLLM_PLUGINS_VTOOLKIT_NO_RUNNER_PATCH") != "1":
+        from vtoolkit_vllm.runner import patch_runners
+
+        patch_runners()

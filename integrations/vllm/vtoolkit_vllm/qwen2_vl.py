@@ -10,9 +10,11 @@
   vLLM's runner calls ``recompute_mrope_positions`` with the encoder output of each prefill chunk (the hook vLLM
   made for EVS video pruning): the encoder returns each kept token's (t, h, w) within the image in 3 extra
   channels, and the hook adds them to the image's start, strips them, and returns the delta
-  ``max_pos + 1 - L'`` (as vtoolkit's ``rope_deltas``). The runner enables that hook only when
-  ``MultiModalConfig.is_multimodal_pruning_enabled()`` (video pruning rate > 0), so this model answers True for
-  its own config instance only when a ``vtoolkit`` entry is given.
+  ``max_pos + 1 - L'`` (as vtoolkit's ``rope_deltas``). vLLM's runner calls that hook only when its
+  ``is_multimodal_pruning_enabled`` is set (GPU runner: video_pruning_rate > 0; the CPU runner never sets it), so
+  ``vtoolkit_vllm.runner`` sets it after the model is loaded when the model is this class with a vtoolkit entry.
+- random: the seed is a fingerprint of the processor's normalised pixels, so the engine must leave normalisation
+  to the processor (``mm_device_do_normalize=False``; vLLM's default normalises uint8 pixels in the model).
 - Videos are not pruned and not served together with pruning (``limit_mm_per_prompt={"video": 0}`` is required).
 """
 from __future__ import annotations
@@ -79,12 +81,15 @@ class VtoolkitQwen2VL(Qwen2VLForConditionalGeneration):
             if mm.is_multimodal_pruning_enabled():
                 raise ValueError("vtoolkit pruning and video_pruning_rate cannot be combined")
         super().__init__(vllm_config=vllm_config, prefix=prefix)
+        if spec is not None and spec.method == "random" and type(self.visual.input_norm).__name__ != "IdentityInputNorm":
+            raise ValueError("vtoolkit random pruning seeds each image from the processor's normalised pixels (as "
+                             "vtoolkit's HF path); vLLM normalises Qwen2-VL pixels inside the model by default, with "
+                             "other float bits: pass mm_device_do_normalize=False (--mm-device-do-normalize false)")
         self._vtk = spec
         self.supports_multimodal_pruning = spec is not None
+        self.vtoolkit_mrope_pruning = spec is not None     # read by the runner patch in vtoolkit_vllm.runner
         self._chunks: list[torch.Tensor] = []
         if spec is not None:
-            # the runner's recompute_mrope_positions hook is gated on this config's video-pruning switch
-            object.__setattr__(mm, "is_multimodal_pruning_enabled", lambda: True)
             if spec.method == "fastervlm":
                 self.visual.blocks[-1].attn.attn.register_forward_pre_hook(self._received, with_kwargs=True)
 

@@ -1,5 +1,5 @@
 """Optional record of what the plugin kept (tests): ``VTOOLKIT_VLLM_TRACE=FILE`` appends one JSON line per image,
-``{"image": image_seed(pixels, 0), "kept": [...], "before": N}``, so a test can match images by their pixels."""
+``{"image": image_seed(pixels, 0), "sum": pixel sum, "shape", "kept": [...], "before": N}``, so a test can match images by their pixels."""
 from __future__ import annotations
 
 import json
@@ -12,6 +12,7 @@ def record(pixels, kept, before: int) -> None:
     path = os.environ.get("VTOOLKIT_VLLM_TRACE")
     if not path:
         return
-    row = {"image": vtoolkit_core.image_seed(pixels, 0), "kept": [int(i) for i in kept], "before": int(before)}
+    row = {"image": vtoolkit_core.image_seed(pixels, 0), "sum": float(pixels.double().sum()),
+           "shape": list(pixels.shape), "kept": [int(i) for i in kept], "before": int(before)}
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
