@@ -88,7 +88,11 @@ def main(out: Path):
                 img = Image.open(p).convert("RGB")
                 prompt = adapter.format_prompt(proc, QUESTIONS[i])
                 inputs = adapter.prepare_inputs(proc, [img], [QUESTIONS[i]])
+                seen: list = []
                 with vt.apply_method(model, method, **opts) as h, torch.no_grad():
+                    # after vtoolkit's own pre-hook on the language model: sees the pruned sequence's positions
+                    grab = model.model.language_model.register_forward_pre_hook(
+                        lambda m, a, kw, seen=seen: seen.append(kw.get("position_ids")), with_kwargs=True)
                     res = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, output_scores=True,
                                          return_dict_in_generate=True)
                     gen = res.sequences
@@ -96,7 +100,9 @@ def main(out: Path):
                     n_img = int((inputs["input_ids"][0] == adapter.image_token_id).sum())
                     (kept,) = h.stats.get("kept_indices", [[torch.arange(n_img)]])[0]
                     before = h.stats.get("visual_tokens_before", [n_img])[0]
-                rows.append({"image": str(p), "image_id": vtoolkit_core.image_seed(adapter.image_pixels(inputs, 0), 0),
+                grab.remove()
+                mrope = seen[0][-3:, 0].tolist() if arch == "qwen2_vl" else None   # prefill positions the LLM saw
+                rows.append({"mrope": mrope, "image": str(p), "image_id": vtoolkit_core.image_seed(adapter.image_pixels(inputs, 0), 0),
                              "prompt": prompt, "kept": kept.tolist(), "before": int(before),
                              "tokens": gen[0, inputs["input_ids"].shape[1]:].tolist(),
                              "margins": [float(t[0] - t[1]) for t in top2],

@@ -32,7 +32,14 @@ def test_vllm_plugin_equals_hf_path(fixtures, trace_file, arch, method):
     reqs = [{"prompt": r["prompt"], "multi_modal_data": {"image": im}} for r, im in zip(rows, images)]
     trace_file.write_text("")
     outs = llm.generate(reqs, SamplingParams(temperature=0, max_tokens=len(rows[0]["tokens"]), ignore_eos=True))
-    traced = [json.loads(line) for line in trace_file.read_text().splitlines()]
+    lines = [json.loads(line) for line in trace_file.read_text().splitlines()]
+    traced = [t for t in lines if "kept" in t]
+    mrope = {len(t["mrope"][0]): t["mrope"] for t in lines if "mrope" in t}    # last repair per prompt length
+    if arch == "qwen2_vl" and method != "none":
+        # the M-RoPE positions the LLM gets: each kept token keeps its unpruned (t, h, w), text after the image
+        # continues after the whole image, exactly as vtoolkit's HF path (``positions="original"``)
+        for r in rows:
+            assert mrope[r["prompt_len"]] == r["mrope"], (r["image"], mrope[r["prompt_len"]], r["mrope"])
     by_image = {t["image"]: t for t in traced}
     if method == "none":        # no vtoolkit entry: stock vLLM (the plugin's classes prune nothing, record nothing)
         assert traced == []

@@ -174,4 +174,6 @@ class VtoolkitQwen2VL(Qwen2VLForConditionalGeneration):
             base = torch.where(run > 0, pos[0, (run - 1).clamp(min=0)].cpu() + 1, torch.zeros_like(run))
             pos[:, tok.to(pos.device)] = (base[None] + rel.T).to(pos.device, pos.dtype)
         delta = int(pos.max()) + 1 - ids.numel() if pos.numel() else 0
+        if multimodal_embeddings:
+            trace.record_positions(pos, delta)
         return stripped, pos, delta

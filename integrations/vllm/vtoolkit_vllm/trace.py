@@ -16,3 +16,12 @@ def record(pixels, kept, before: int) -> None:
            "shape": list(pixels.shape), "kept": [int(i) for i in kept], "before": int(before)}
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
+
+
+def record_positions(positions, delta: int) -> None:
+    """Qwen2-VL: the M-RoPE positions ``[3, L']`` of a pruned prompt after the repair, and the decode delta."""
+    path = os.environ.get("VTOOLKIT_VLLM_TRACE")
+    if not path:
+        return
+    with open(path, "a") as f:
+        f.write(json.dumps({"mrope": positions.tolist(), "delta": int(delta)}) + "\n")
