@@ -33,7 +33,7 @@ def register() -> None:
         ModelRegistry.register_model(arch, f"vtoolkit_vllm.unserved:{arch}")
     import os
 
-    if os.environ.get("VLLM_PLUGINS_VTOOLKIT_NO_RUNNER_PATCH") != "1":
+    if os.environ.get("VTOOLKIT_VLLM_NO_RUNNER_PATCH") != "1":
         from vtoolkit_vllm.runner import patch_runners
 
         patch_runners()
