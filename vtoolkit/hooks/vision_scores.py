@@ -26,34 +26,12 @@ import torch
 
 from vtoolkit.hooks.attention import intercept
 from vtoolkit.hooks.sidestream import in_side_stream
+from vtoolkit_core.selection import QUERY_BLOCK, cls_attention, merge_mean, pooled_cls_attention, received_attention
 
-QUERY_BLOCK = 1024
+# The score rules themselves live in vtoolkit_core (one definition, shared with the vLLM plugin).
+__all__ = ["CLS_SCORES", "QUERY_BLOCK", "VisionScores", "cls_attention", "pooled_cls_attention", "received_attention"]
+
 CLS_SCORES = ("head_mean", "pooled")
-
-
-def received_attention(q: torch.Tensor, k: torch.Tensor, scaling: float, block: int = QUERY_BLOCK) -> torch.Tensor:
-    """Mean over heads and queries of the softmax attention each key receives. ``q, k: [H, N, d]`` -> ``[N]``."""
-    H, N, _ = q.shape
-    acc = torch.zeros(H, N, dtype=torch.float32, device=q.device)
-    kt = k.float().transpose(1, 2)
-    for s in range(0, N, block):
-        p = torch.softmax(torch.matmul(q[:, s:s + block].float(), kt) * scaling, dim=-1)
-        acc += p.sum(1)
-    return (acc / N).mean(0)
-
-
-def cls_attention(q_cls: torch.Tensor, k: torch.Tensor, scaling: float) -> torch.Tensor:
-    """CLS-row attention probabilities over patches, mean over heads. ``q_cls: [B, H, d]``, ``k: [B, H, T, d]``
-    (T = 1 + N with CLS first) -> ``[B, N]``."""
-    logits = torch.einsum("bhd,bhtd->bht", q_cls.float(), k.float()) * scaling
-    return torch.softmax(logits, dim=-1)[:, :, 1:].mean(1)
-
-
-def pooled_cls_attention(q_cls: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """CLS-row attention over patches with the heads unsplit: ``softmax(q_cls . K^T * C ** -0.5)`` without the CLS
-    column. ``q_cls: [B, C]``, ``k: [B, T, C]`` (T = 1 + N with CLS first) -> ``[B, N]``."""
-    logits = torch.einsum("bc,btc->bt", q_cls.float(), k.float()) * q_cls.shape[-1] ** -0.5
-    return torch.softmax(logits, dim=-1)[:, 1:]
 
 
 class VisionScores:
@@ -171,7 +149,7 @@ class VisionScores:
         """No-CLS encoders: one score per LLM visual token (merged), raster order, per image."""
         self._check_fresh()
         unit = self.adapter.merge_size**2
-        merged = torch.cat(self._chunks).view(-1, unit).mean(-1)
+        merged = merge_mean(torch.cat(self._chunks), unit)
         grid = self._grid
         widx = self.adapter.window_index(grid) if grid is not None else None
         if widx is not None:

@@ -15,7 +15,6 @@ every score-based pruner so they are comparable:
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +22,7 @@ import torch
 from vtoolkit.config import MethodConfig
 from vtoolkit.hooks.sequence import SequencePruner
 from vtoolkit.methods.base import Method
+from vtoolkit_core.selection import budget, top_k
 
 SCOPES = ("per_crop", "global")
 
@@ -63,15 +63,6 @@ class PruneConfig(BudgetConfig):
         if self.positions not in (None, "contiguous", "original"):
             raise ValueError(f"positions must be 'contiguous', 'original' or None (family default), got "
                              f"{self.positions!r}")
-
-
-def budget(n: int, keep_ratio: float | None, keep_tokens: int | None, what: str) -> int:
-    if keep_tokens is not None:
-        if keep_tokens > n:
-            raise ValueError(f"keep_tokens={keep_tokens} exceeds the {n} visual tokens of {what}; "
-                             f"use keep_tokens <= {n}, or keep_ratio")
-        return keep_tokens
-    return max(1, min(n, math.floor(keep_ratio * n + 0.5)))
 
 
 class ScorePrune(Method):
@@ -152,11 +143,11 @@ def select_top(ctx, scores, count, per_crop: bool = True, newlines: str = "all",
                 for c, (s, pos) in enumerate(zip(present, span.crops)):
                     t = min(count(crop_scores[c].numel(), f"crop {c} of image {span.image_index} (sample {b})"),
                             s.numel())
-                    chosen.append(pos[torch.topk(s, t, sorted=order == "score").indices])
+                    chosen.append(pos[top_k(s, t, by_score=order == "score")])
             else:
                 s, pos = torch.cat(present), torch.cat(span.crops)
                 t = count(s.numel(), f"image {span.image_index} (sample {b})")
-                chosen.append(pos[torch.topk(s, t, sorted=order == "score").indices])
+                chosen.append(pos[top_k(s, t, by_score=order == "score")])
             if span.newlines is not None and span.newlines.numel() and newlines != "none":
                 chosen.append(span.newlines if newlines == "all" else span.newlines[-1:])
             by_score = torch.cat(chosen)

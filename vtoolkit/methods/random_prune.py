@@ -7,13 +7,11 @@ Same budget rules as FasterVLM (:mod:`vtoolkit.methods.prune_base`).
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
-
-import torch
 
 from vtoolkit.methods.prune_base import PruneConfig, ScorePrune
 from vtoolkit.registry import register_method
+from vtoolkit_core.selection import image_seed, random_scores
 
 
 @dataclass(frozen=True)
@@ -28,15 +26,12 @@ class RandomPrune(ScorePrune):
     def token_scores(self, ctx):
         out = {}
         for span in (s for sample in ctx.spans for s in sample):
-            gen = torch.Generator().manual_seed(self._image_seed(ctx, span.image_index))
+            seed = self._image_seed(ctx, span.image_index)
             full = [int(p.max().item()) + 1 if p.numel() else 0 for p in span.crop_patches]
             if self.adapter.has_cls:
                 full = [max(f, self.adapter.tokens_per_crop) for f in full]
-            out[span.image_index] = [torch.rand(f, generator=gen) for f in full]
+            out[span.image_index] = random_scores(full, seed)
         return [out[i] for i in sorted(out)]
 
     def _image_seed(self, ctx, image_index: int) -> int:
-        pixels = self.adapter.image_pixels(ctx.inputs, image_index).detach().to("cpu", torch.float32).contiguous()
-        digest = hashlib.blake2b(pixels.numpy().tobytes(), digest_size=8,
-                                 key=str(self.config.seed).encode()).digest()
-        return int.from_bytes(digest, "little") & (2**63 - 1)
+        return image_seed(self.adapter.image_pixels(ctx.inputs, image_index), self.config.seed)
