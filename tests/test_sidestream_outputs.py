@@ -52,7 +52,7 @@ def _fields(out) -> dict:
     return found
 
 
-def _same_layout(got, stock, what):
+def _same_layout(got, stock, what, compact=True):
     g, s = _fields(got), _fields(stock)
     assert g.keys() == s.keys(), f"{what}: fields {sorted(g.keys() ^ s.keys())[:6]} differ from stock generate's"
     wrong = [(k, tuple(g[k].shape), tuple(s[k].shape)) for k in s
@@ -63,6 +63,10 @@ def _same_layout(got, stock, what):
         ref = compat.output_cache(stock)
         assert cache.get_seq_length() == ref.get_seq_length(), what
         assert "reorder_cache" not in vars(cache), f"{what}: the returned cache still reorders the contrast rows"
+        if compact:     # generate is over: the contrast rows' memory must not live on in the returned cache
+            held = [k.untyped_storage().nbytes() for k, _ in compat.cache_layer_tensors(cache)]
+            assert held == [k.untyped_storage().nbytes() for k, _ in compat.cache_layer_tensors(ref)], \
+                f"{what}: the returned cache keeps the contrast rows' memory"
 
 
 def _generate(model, batch, seed=0, **kw):
@@ -137,7 +141,7 @@ def test_plain_forward_returns_the_users_rows_and_decodes_by_hand(method, arch):
         with h.disabled():
             stock = model(**batch, **flags)
         out = model(**batch, **flags)
-        _same_layout(out, stock, f"{method}/{arch} prefill")
+        _same_layout(out, stock, f"{method}/{arch} prefill", compact=False)   # side rows parked: views
         if adapter.position_kind == "mrope":
             return
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
@@ -173,3 +177,27 @@ def test_contrast_stream_longer_than_the_pruned_prompt():
             assert h.methods[1].side.main_pad > 0
     _same_layout(got, stock, "fastervlm + damro")
     _equal_values(got, stock, "fastervlm + damro")
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("method", ["damro", "vcd"])
+def test_a_cache_passed_in_comes_back_with_the_users_rows(method):
+    """generate(past_key_values=<the user's empty cache>), tokens only: the user's object holds the user's rows at
+    the stock length afterwards (VCD: the batched prefill writes the joined cache into it; DAMRO: the join)."""
+    from transformers import DynamicCache
+
+    model, proc, adapter = tiny_model("llava")
+    batch = sample_batch("llava", n=2)
+    caches = []
+    for active in (False, True):
+        cache = DynamicCache(config=model.config.get_text_config())
+        if active:
+            with vt.apply_method(model, method, **ACTIVE[method]):
+                model.generate(**batch, max_new_tokens=3, min_new_tokens=3, **{compat.cache_param(model): cache})
+        else:
+            model.generate(**batch, max_new_tokens=3, min_new_tokens=3, **{compat.cache_param(model): cache})
+        caches.append(cache)
+    stock, got = caches
+    assert [tuple(k.shape) for k, _ in compat.cache_layer_tensors(got)] == \
+        [tuple(k.shape) for k, _ in compat.cache_layer_tensors(stock)]
+    assert "reorder_cache" not in vars(got)
