@@ -13,6 +13,9 @@ forwards (what hooks see in kwargs)                             until 5.40 and r
 KV-cache field of model outputs        ``past_key_values``      ``cache``
 vision-encoder field of VLM outputs    ``image_hidden_states``  ``image_outputs``
 per-layer tensors of a DynamicCache    ``cache.layers[i].keys`` / ``.values`` (both)
+per-row fields of model outputs       ``hidden_states``, ``attentions`` (both)
+collector of the output-capturing     ``transformers.utils.output_capturing._active_collector``
+hooks (``output_hidden_states``)      (a context variable; both)
 =====================================  =======================  ======================================
 
 Tested range: :data:`TESTED_RANGE` (also declared in ``pyproject.toml``; CI runs the suite on both ends). Outside it
@@ -22,6 +25,8 @@ mistake every decode step for a new prefill (the silent failure that 5.24's rena
 """
 from __future__ import annotations
 
+import contextlib
+import importlib
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -35,8 +40,13 @@ TESTED_RANGE = f">={MIN_VERSION},<{MAX_VERSION_EXCLUSIVE}"
 CACHE_KWARGS = ("cache", "past_key_values")
 CACHE_OUTPUT_FIELDS = ("cache", "past_key_values")
 IMAGE_OUTPUT_FIELDS = ("image_outputs", "image_hidden_states")
+# Fields of a model output with one entry per row that a side stream's extra rows reach (tuples of [rows, ...]).
+PER_ROW_OUTPUT_FIELDS = ("hidden_states", "attentions")
+# The context variable whose collector transformers' output-capturing hooks (output_hidden_states / _attentions) fill.
+OUTPUT_COLLECTOR = ("transformers.utils.output_capturing", "_active_collector")
 
 _warned = False
+_collector = None   # OUTPUT_COLLECTOR, looked up once
 
 
 class UnsupportedTransformersError(RuntimeError):
@@ -201,3 +211,28 @@ def _first_field(outputs, names):
         if value is not None:
             return value
     return None
+
+
+# ------------------------------------------------------------------------------------------------- output capture
+@contextlib.contextmanager
+def outputs_not_captured():
+    """Run the block with transformers' output capturing switched off: a nested call of a decoder layer or attention
+    module (a side stream's rows) is then not recorded into the ``hidden_states`` / ``attentions`` that the enclosing
+    forward returns for ``output_hidden_states`` / ``output_attentions``. A nested *model* call still collects its own
+    outputs (its decorator sets a collector of its own). Raises when the collector is not where this module expects
+    it, instead of letting side rows reach the user's outputs."""
+    global _collector
+    if _collector is None:
+        module, name = OUTPUT_COLLECTOR
+        try:
+            _collector = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            raise UnsupportedTransformersError(f"transformers' output collector {module}.{name} is missing: a side "
+                                               f"stream cannot keep its rows out of hidden_states / attentions; "
+                                               f"{support_hint()}") from None
+    collector = _collector
+    token = collector.set(None)
+    try:
+        yield
+    finally:
+        collector.reset(token)

@@ -27,9 +27,25 @@ model's decode inputs (embeddings, 2-D mask, positions); :meth:`SideStream.split
 search reorders the joined cache with indices of the main rows; :meth:`SideStream.join` extends the reorder to the
 side rows.
 
+**What the user gets back holds the user's rows only** (``B``, times ``num_beams`` / ``num_return_sequences`` as
+stock ``generate`` makes them), in every field of ``generate(return_dict_in_generate=True)`` and of a plain forward:
+
+- :func:`side_active` switches transformers' output capturing off, so a nested layer call on side rows (lockstep)
+  is not recorded into the ``hidden_states`` / ``attentions`` of the main forward;
+- a decode step over ``2B`` rows: :meth:`SideStream.keep_main_rows` (from the owner's language-model forward hook)
+  keeps the main rows of ``hidden_states`` / ``attentions`` (and only the main stream's keys), as views;
+- the joined cache: ``generate`` takes the cache for its next step from each step's output, so inside ``generate``
+  it stays joined (nothing is copied per step), and when ``generate`` returns it is cut back once to the main rows
+  at the main stream's length (:meth:`SideStream.release`; copied when it outlives the call, i.e. returned or the
+  user's own object). A forward outside ``generate`` returns its cache cut back (:meth:`SideStream.detach`, views);
+  a decode step by hand on it re-joins the parked side rows (:meth:`SideStream.rejoin`). :func:`return_main_rows`
+  registers both (a model-level forward hook and an instance-level ``generate`` wrapper).
+
 For method authors: build the rows from ``ctx.inputs`` at the main prefill (a hook on the language model sees the
 merged ``inputs_embeds``), keep one :class:`SideStream` per call, and never let a pruner or scorer see it
-(``in_side_stream``). See ``vtoolkit/methods/vhr.py`` (lockstep) and ``vtoolkit/methods/contrastive.py`` (batched).
+(``in_side_stream``); a batched stream calls :func:`return_main_rows` once at install and
+:meth:`SideStream.keep_main_rows` on its decode steps. See ``vtoolkit/methods/vhr.py`` (lockstep) and
+``vtoolkit/methods/contrastive.py`` (batched).
 """
 from __future__ import annotations
 
@@ -38,7 +54,15 @@ import weakref
 
 import torch
 
-from vtoolkit.compat import cache_layer_tensors, cache_param, set_cache_layer_tensors
+from vtoolkit.compat import (
+    PER_ROW_OUTPUT_FIELDS,
+    cache_layer_tensors,
+    cache_param,
+    get_cache,
+    output_cache,
+    outputs_not_captured,
+    set_cache_layer_tensors,
+)
 from vtoolkit.hooks.attention import current_implementation
 from vtoolkit.hooks.masks import causal_mask, mask_dtype_for
 
@@ -52,9 +76,12 @@ def in_side_stream(model: torch.nn.Module) -> bool:
 
 @contextlib.contextmanager
 def side_active(model: torch.nn.Module):
+    """Run side rows: :func:`in_side_stream` is True, and transformers' output capturing is off (a nested layer call
+    is not recorded into the ``hidden_states`` / ``attentions`` the user's forward returns)."""
     _ACTIVE[model] = _ACTIVE.get(model, 0) + 1
     try:
-        yield
+        with outputs_not_captured():
+            yield
     finally:
         _ACTIVE[model] -= 1
         if not _ACTIVE[model]:
@@ -104,6 +131,9 @@ class SideStream:
         self.next_layer = 0
         self.cache = None
         self._length = 0          # side tokens in the joined cache (after join): prompt slots + generated
+        self._joined = None       # weakref to the main cache holding both streams' rows (None: not joined)
+        self._parked = None       # per layer (keys, values) of the side rows while detached (see detach)
+        self._released = False    # generate returned: the side rows were dropped
 
     # -- rows ---------------------------------------------------------------------------------------------------
     def set_rows(self, embeds: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor | None = None) -> None:
@@ -212,6 +242,7 @@ class SideStream:
         self.main_pad = self.side_pad = 0
         self._main_rows = B
         self._length = L
+        self._joined = weakref.ref(main_cache)
         self._follow_reorder(main_cache)
         return kw
 
@@ -224,37 +255,128 @@ class SideStream:
         h = output.last_hidden_state
         side_last = h[B:, -1]
         output.last_hidden_state = h[:B]
-        for name in ("hidden_states", "attentions"):
-            v = getattr(output, name, None)
-            if v is not None:
-                setattr(output, name, tuple(t[:B] if torch.is_tensor(t) and t.shape[0] == 2 * B else t for t in v))
+        self.keep_main_rows(output)
         return side_last
 
     def _follow_reorder(self, main_cache) -> None:
-        """Beam search reorders the joined cache with indices of the main rows; the side rows follow their sample."""
+        """Beam search reorders the joined cache with indices of the main rows; the side rows follow their sample
+        (an attribute of this cache object only, removed when the rows are split again: :meth:`_unfollow_reorder`)."""
         B = self._main_rows
         original = main_cache.reorder_cache
 
         def reorder_cache(beam_idx: torch.Tensor):
             return original(torch.cat([beam_idx, beam_idx.to(torch.long) + B]))
 
+        reorder_cache.__vtoolkit_side__ = True
         main_cache.reorder_cache = reorder_cache
+
+    @staticmethod
+    def _unfollow_reorder(main_cache) -> None:
+        if getattr(vars(main_cache).get("reorder_cache"), "__vtoolkit_side__", False):
+            del main_cache.reorder_cache
 
     def join(self, main_cache) -> None:
         """Append this stream's cache to ``main_cache`` as ``B`` extra rows, left-padding the shorter of the two
         (the padding is masked by :meth:`widen`), so decode steps run both streams as one batch."""
+        self._join(main_cache, cache_layer_tensors(self.cache), self.cache.get_seq_length())
+        self.cache = None
+
+    def _join(self, main_cache, side_kv: list, side_len: int) -> None:
         B = self.valid.shape[0]
-        main_len, side_len = main_cache.get_seq_length(), self.cache.get_seq_length()
+        main_len = main_cache.get_seq_length()
         L = max(main_len, side_len)
         self.main_pad, self.side_pad = L - main_len, L - side_len
         for i, (mk, mv) in enumerate(cache_layer_tensors(main_cache)):
-            sk, sv = cache_layer_tensors(self.cache)[i]
+            sk, sv = side_kv[i]
             k = torch.cat([_left_pad(mk, self.main_pad), _left_pad(sk.to(mk.device), self.side_pad)], 0)
             v = torch.cat([_left_pad(mv, self.main_pad), _left_pad(sv.to(mv.device), self.side_pad)], 0)
             set_cache_layer_tensors(main_cache, i, k, v)
-        self.cache = None
         self._main_rows = B
+        self._joined = weakref.ref(main_cache)
         self._follow_reorder(main_cache)
+
+    # -- what the user gets back: the main rows only ------------------------------------------------------------
+    @property
+    def joined(self) -> bool:
+        """The side rows sit in the main cache (decode steps run ``2B`` rows)."""
+        return self._joined is not None
+
+    @property
+    def parked(self) -> bool:
+        """The side rows were split off the main cache after a forward outside ``generate`` (:meth:`detach`)."""
+        return self._parked is not None
+
+    def keep_main_rows(self, output) -> None:
+        """In place on a language-model output of a forward over main + side rows: the per-row fields that reach
+        the user (``hidden_states``, ``attentions``; :data:`vtoolkit.compat.PER_ROW_OUTPUT_FIELDS`) keep the main
+        rows, and attention weights only the main stream's keys (the ``main_pad`` slots that align the two caches
+        are dropped). Views, no copy; ``last_hidden_state`` is left alone (the LM head needs both streams)."""
+        B = self._main_rows
+        if isinstance(output, tuple):
+            raise NotImplementedError(f"{self.owner}: a language model that returns tuples")
+        for name in PER_ROW_OUTPUT_FIELDS:
+            v = getattr(output, name, None)
+            if v is None:
+                continue
+            cut = self.main_pad if name == "attentions" else 0     # attention weights: [rows, H, q, keys]
+            setattr(output, name, tuple(_main_part(t, B, cut) for t in v))
+
+    def _split(self, main_cache) -> list:
+        """Take the side rows off the joined ``main_cache`` in place (views); returns them per layer."""
+        B = self._main_rows
+        side = []
+        for i, (k, v) in enumerate(cache_layer_tensors(main_cache)):
+            if k.shape[0] != 2 * B:
+                raise RuntimeError(f"{self.owner}: the joined cache holds {k.shape[0]} rows in layer {i}, not the "
+                                   f"{2 * B} of the main and side streams")
+            side.append((k[B:, :, self.side_pad:], v[B:, :, self.side_pad:]))
+            set_cache_layer_tensors(main_cache, i, k[:B, :, self.main_pad:], v[:B, :, self.main_pad:])
+        self._unfollow_reorder(main_cache)
+        self._joined = None
+        return side
+
+    def _joined_cache(self):
+        cache = self._joined() if self._joined is not None else None
+        if cache is None:
+            self._joined = None
+        return cache
+
+    def detach(self) -> None:
+        """After a forward outside ``generate`` (the user gets the cache and may decode by hand): the joined cache
+        holds the main rows only again, at the main stream's length, in place (views of the joined tensors, no
+        copy); the side rows wait here until the next decode step of this call re-joins them (:meth:`rejoin`)."""
+        cache = self._joined_cache()
+        if cache is not None:
+            self._parked = self._split(cache)
+
+    def rejoin(self, main_cache) -> None:
+        """A decode step after :meth:`detach`: append the parked side rows to ``main_cache`` again (one copy)."""
+        if main_cache is None:
+            raise RuntimeError(f"{self.owner}: a decode step without a cache after the contrast rows were split off")
+        side, self._parked = self._parked, None
+        self._join(main_cache, side, side[0][0].shape[-2] if side else 0)
+
+    def release(self, keep: bool) -> None:
+        """``generate`` returned: the joined cache (when still joined) keeps the main rows only, at the main
+        stream's length, and the side rows are dropped. ``keep``: the cache outlives the call (returned to the user
+        or their own object), so its tensors become compact copies (once per call) instead of views that would hold
+        the side rows' memory."""
+        cache = self._joined_cache()
+        self._parked = None
+        self._released = True
+        if cache is None:
+            return
+        self._split(cache)
+        if keep:
+            for i, (k, v) in enumerate(cache_layer_tensors(cache)):
+                set_cache_layer_tensors(cache, i, k.clone(), v.clone())
+
+    def check_continuable(self) -> None:
+        """Refuse a decode step of this call after ``generate`` returned (its side rows are gone)."""
+        if self._released:
+            raise NotImplementedError(f"{self.owner}: this forward continues from the cache a generate call returned; "
+                                      f"the contrast rows were dropped when generate returned (the cache holds the "
+                                      f"user's rows only). Run a new generate over the whole sequence instead.")
 
     def widen(self, kwargs: dict, main_cache) -> dict:
         """Decode step: the language model's keyword arguments for main + side rows (``2B``)."""
@@ -279,10 +401,10 @@ class SideStream:
                                           _left_pad(side_valid, self.side_pad, dim=1)], 0)
         side_pos = self.next_positions(q, dev)
         pos = kw.get("position_ids")
-        if pos is None:
-            pos = (main_mask.sum(-1, keepdim=True) - q + torch.arange(q, device=dev))
+        if pos is None:       # what the stock language model does without position ids: continue its cache
             if self.adapter.position_kind == "mrope":
                 raise RuntimeError(f"{self.owner}: an M-RoPE decode step arrived without position ids")
+            pos = (main_len - q + torch.arange(q, device=dev))[None].expand(B, -1)
         pos = pos.to(dev)
         if pos.dim() == 3:                                          # M-RoPE, 3 or 4 rows (row 0 = text positions)
             side = side_pos if side_pos.dim() == 3 else side_pos[None].expand(3, -1, -1)
@@ -302,6 +424,50 @@ class SideStream:
         """``[2B, ...]`` -> (main rows, side rows)."""
         B = self._main_rows
         return x[:B], x[B:]
+
+
+def return_main_rows(hooks, model: torch.nn.Module, stream) -> None:
+    """Register (on ``hooks``) what keeps a batched side stream's rows out of the cache the user gets back; ``stream()``
+    is the current call's :class:`SideStream` (or None). Inside ``generate`` nothing changes per step (generate
+    feeds the joined cache back into the next step); when ``generate`` returns, the joined cache is cut back to the
+    main rows once (:meth:`SideStream.release`). A forward outside ``generate`` returns its cache cut back
+    (:meth:`SideStream.detach`), and a decode step by hand re-joins the side rows (:meth:`SideStream.rejoin`). The
+    model-level hook runs before the call context's, so the context records the length the user sees."""
+    depth = [0]
+
+    def post(module, args, output):
+        s = stream()
+        if s is not None and depth[0] == 0 and not in_side_stream(model):
+            s.detach()
+
+    def generate(inner, *args, **kwargs):
+        depth[0] += 1
+        ok = False
+        try:
+            out = inner(*args, **kwargs)
+            ok = True
+        finally:
+            depth[0] -= 1
+            s = stream()
+            if s is not None:
+                try:
+                    kept = [c for c in (get_cache(kwargs), output_cache(out) if ok and not torch.is_tensor(out)
+                                        else None) if c is not None]
+                    s.release(keep=any(c is s._joined_cache() for c in kept))
+                except Exception:
+                    if ok:          # else the generate error is the one to see
+                        raise
+        return out
+
+    hooks.forward(model, post, prepend=True)
+    hooks.patch(model, "generate", generate)
+
+
+def _main_part(t, B: int, cut: int):
+    """The first ``B`` rows of a ``[2B, ...]`` tensor, without its first ``cut`` entries in the last dimension."""
+    if not torch.is_tensor(t) or t.shape[0] != 2 * B:
+        return t
+    return t[:B, ..., cut:] if cut else t[:B]
 
 
 def _left_pad(t: torch.Tensor, n: int, dim: int = -2) -> torch.Tensor:

@@ -28,7 +28,9 @@ prompt with a noised image) both streams are prefilled as ONE forward of ``2B`` 
 itself; otherwise (DAMRO's short outlier prompt, a pruned main stream) the contrast rows are prefilled in one nested
 call with their own cache, which is appended to the main cache when the main prefill is done. Either way every
 decode step runs both streams as one batch of ``2B`` rows; a forward hook on
-the LM head combines the two halves and hands ``generate`` the ``B`` contrasted rows. ``generate(use_cache=False)``
+the LM head combines the two halves and hands ``generate`` the ``B`` contrasted rows. Every other field the user gets
+(hidden states, attentions, the returned cache) holds the user's ``B`` rows too: the joined cache is cut back once
+when ``generate`` returns (see :mod:`vtoolkit.hooks.sidestream`). ``generate(use_cache=False)``
 re-runs the contrast prompt plus the tokens generated so far at every step (same tokens as the cached run).
 
 Composition: a pre-LLM pruner (FasterVLM, random) may run first - the full stream is pruned, the contrast stream is
@@ -47,7 +49,14 @@ import torch
 
 from vtoolkit.compat import get_cache, output_cache
 from vtoolkit.config import MethodConfig
-from vtoolkit.hooks.sidestream import SideStream, contiguous_positions, continue_positions, in_side_stream, side_active
+from vtoolkit.hooks.sidestream import (
+    SideStream,
+    contiguous_positions,
+    continue_positions,
+    in_side_stream,
+    return_main_rows,
+    side_active,
+)
 from vtoolkit.methods.base import Method
 
 PROCESSOR_MODES = ("direct", "standard")
@@ -96,6 +105,7 @@ class ContrastiveDecoding(Method):
         hooks.forward(a.language_model, self._lm_post)
         hooks.forward(a.lm_head, self._combine)
         hooks.patch(a.model, "generate", self._generate)
+        return_main_rows(hooks, a.model, lambda: self.side)      # the cache the user gets: B rows
 
     # -- generate: processors ---------------------------------------------------------------------------------------
     def _generate(self, inner, *args, **kwargs):
@@ -198,7 +208,13 @@ class ContrastiveDecoding(Method):
                 return (), widened
             self._side_logits = self._head(self.side.prefill())   # else a nested call with its own cache
             return None
-        if self.side is None or self.side.cache is not None:
+        side = self.side
+        if side is None:
+            return None
+        side.check_continuable()
+        if side.parked:                    # a decode step by hand after a plain forward: join the rows again
+            side.rejoin(get_cache(kwargs))
+        if not side.joined:
             return None
         ctx.mark(f"{self.name}:widen")
         return (), self.side.widen(kwargs, get_cache(kwargs))
@@ -218,7 +234,11 @@ class ContrastiveDecoding(Method):
         return torch.cat([embeds, g_emb], 1), torch.cat([valid, torch.ones_like(gen, dtype=torch.bool)], 1), positions
 
     def _lm_post(self, module, args, output):
-        if in_side_stream(self.adapter.model) or not self.ctx.is_prefill or self.side is None:
+        if in_side_stream(self.adapter.model) or self.side is None:
+            return None
+        if not self.ctx.is_prefill:        # hidden states / attentions of a decode step: the user's rows only
+            if self.side.joined:
+                self.side.keep_main_rows(output)
             return None
         if self._batched_prefill:
             self._side_logits = self._head(self.side.split_prefill(output))

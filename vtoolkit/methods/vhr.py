@@ -14,7 +14,8 @@ reinforced layer ``l``, with ``A_l,i`` that head's slice of the ``o_proj`` input
   markers too), positions renumbered as for a prompt that never had an image. It runs as a *side stream*
   (:mod:`vtoolkit.hooks.sidestream`, lockstep mode): its rows go through each decoder layer right after the main
   stream computed that layer's head outputs, so the selection at layer ``l`` compares both streams with layers < l
-  already reinforced - layer by layer in ONE pass. The chosen heads are scaled in BOTH streams (the paper is silent
+  already reinforced - layer by layer in ONE pass (its rows never appear in the ``hidden_states`` / ``attentions``
+  the user gets: :func:`vtoolkit.hooks.sidestream.side_active`). The chosen heads are scaled in BOTH streams (the paper is silent
   on the text-only stream; scaling both keeps it the paired counterfactual of the reinforced main stream).
 - The selection is made once per sample at the prefill and frozen for the rest of the generation (the KV cache of
   earlier positions was computed with it). ``generate(use_cache=False)`` re-runs the whole sequence each step with
