@@ -35,6 +35,9 @@ def split_sets(items) -> tuple[dict, dict, dict]:
 
 def parse_data(items, benches) -> dict:
     """``--data pope=PATH`` (repeatable) or a bare ``--data PATH`` when one benchmark is evaluated."""
+    import os
+    import re
+
     from vtoolkit.config import ConfigError
 
     out: dict = {}
@@ -42,6 +45,9 @@ def parse_data(items, benches) -> dict:
         head, sep, rest = item.partition("=")
         if sep and head in BENCHMARKS:
             out[head] = rest
+        elif sep and re.fullmatch(r"[A-Za-z_][\w-]*", head) and not os.path.exists(item):
+            raise ConfigError(f"--data {item!r}: unknown benchmark {head!r}; write BENCH=PATH with BENCH one of "
+                              f"{', '.join(BENCHMARKS)} (or a bare PATH when one benchmark is evaluated)")
         elif len(benches) == 1:
             out[benches[0]] = item
         else:

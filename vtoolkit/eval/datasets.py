@@ -247,12 +247,19 @@ def _unique(ids_seen: dict, base: str) -> str:
 
 def _read_json_rows(path: Path) -> list[tuple[int, Any, str | None]]:
     """``(line_no, obj_or_None, error)`` per record of a JSON Lines file or a JSON array; bad lines -> error."""
-    raw = path.read_bytes().decode("utf-8-sig").replace("\r\n", "\n").replace("\r", "\n")
+    from vtoolkit.eval.scorers._io import decode_text
+
+    raw = decode_text(path.read_bytes(), path)
+    if not raw.strip():
+        raise ConfigError(f"{path}: an empty question file (no records); give a POPE question file (JSON Lines or a "
+                          f"JSON array)")
     if raw.lstrip().startswith("["):
         try:
             data = json.loads(raw)
         except json.JSONDecodeError as e:
             return [(0, None, f"{path.name}: not a valid JSON array ({e})")]
+        if not data:
+            raise ConfigError(f"{path}: an empty question file (a JSON array with no records)")
         return [(i + 1, obj, None) for i, obj in enumerate(data)]
     out = []
     for n, line in enumerate(raw.split("\n"), 1):
