@@ -67,6 +67,31 @@ def _report_problems(metrics: dict) -> None:
         fail("\n".join(errors), 1)
 
 
+def resume_command(argv: list[str] | None = None) -> str:
+    """The command line that continues the interrupted ``vtoolkit eval`` of ``argv`` (default ``sys.argv``): the
+    same arguments, ``--overwrite`` dropped (it would delete what was done), ``--resume`` added."""
+    import shlex
+    import sys
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "eval" not in args:   # not started from a command line (e.g. invoked in-process): name the rule
+        return "the same vtoolkit eval command with --resume (without --overwrite)"
+    args = [a for a in args if a != "--overwrite"]
+    if "--resume" not in args and "--retry-errors" not in args:
+        args.append("--resume")
+    return "vtoolkit " + shlex.join(args)
+
+
+def _interrupted(out: Path) -> None:
+    """Ctrl-C: say where the run is and how to continue it, exit 130 (the shell's code for SIGINT)."""
+    if (Path(out) / "config.json").is_file():
+        typer.echo(f"interrupted: the predictions written so far are kept in the run folder {out}; continue with:\n"
+                   f"  {resume_command()}", err=True)
+    else:
+        typer.echo(f"interrupted before anything was written to {out}; run the same command again", err=True)
+    raise typer.Exit(code=130)
+
+
 def register_commands(app: typer.Typer) -> None:
     @app.command("eval")
     def eval_cmd(
@@ -118,8 +143,11 @@ def register_commands(app: typer.Typer) -> None:
                              data=data_map, protocol_overrides=protocol, limit=limit, batch_size=batch_size,
                              dtype=dtype, device_map=device_map, attn_implementation=attn_implementation, seed=seed,
                              names=names)
-        metrics = evaluate(cfg, out, resume=resume or retry_errors, overwrite=overwrite, retry_errors=retry_errors,
-                           progress=progress, names=names)
+        try:
+            metrics = evaluate(cfg, out, resume=resume or retry_errors, overwrite=overwrite,
+                               retry_errors=retry_errors, progress=progress, names=names)
+        except KeyboardInterrupt:
+            _interrupted(out)
         if metrics is None:   # a rank > 0 of a data-parallel run: rank 0 reports
             return
         for b, m in metrics["benchmarks"].items():

@@ -34,7 +34,8 @@ CHAIR ``coco``: a COCO val2014 image folder (``path`` itself or ``path/val2014``
       subset of ``protocol.n_images`` images is drawn from the *sorted* file list.
 
 ``limit`` (:meth:`Dataset.limit`, ``--limit N``) keeps N samples: for POPE N spread evenly over the splits (the first
-records of each split, so the headline "mean over splits" still averages every split), for MME and CHAIR the first N.
+records of each split, so the headline "mean over splits" averages every split once N >= the number of splits; with
+fewer, the headline says which splits it averages), for MME and CHAIR the first N.
 """
 from __future__ import annotations
 

@@ -187,27 +187,35 @@ def dist_info() -> dict:
 
 
 # ------------------------------------------------------------------------------------------------------ files
-def read_predictions(path: str | Path, repair: bool = False) -> list[dict]:
+def read_predictions(path: str | Path, repair: bool = False, dropped: list | None = None) -> list[dict]:
     """Rows of a predictions JSONL file. A line that does not parse (a write cut off by a crash) is skipped; with
-    ``repair=True`` the file is rewritten without it so that appending continues on a clean line boundary."""
+    ``repair=True`` the file is rewritten without it so that appending continues on a clean line boundary.
+    ``dropped``: a list that gets ``(line number, why)`` of each skipped line."""
     p = Path(path)
     if not p.exists():
         return []
     raw = p.read_bytes()
     rows, good_bytes, bad = [], [], 0
-    for line in raw.split(b"\n"):
+    lines = raw.split(b"\n")
+    for no, line in enumerate(lines, 1):
         if not line.strip():
             continue
+        why = None
         try:
             obj = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            bad += 1
-            continue
-        if isinstance(obj, dict) and "id" in obj:
-            rows.append(obj)
-            good_bytes.append(line)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            cut = no == len(lines) and not raw.endswith(b"\n")
+            why = "cut off (the last write did not finish)" if cut else f"not valid JSON ({getattr(e, 'msg', e)})"
         else:
+            if isinstance(obj, dict) and "id" in obj:
+                rows.append(obj)
+                good_bytes.append(line)
+            else:
+                why = "not a prediction row (a JSON object with an id)"
+        if why is not None:
             bad += 1
+            if dropped is not None:
+                dropped.append((no, why))
     needs_fix = bad or (raw and not raw.endswith(b"\n"))
     if repair and needs_fix:
         tmp = p.with_suffix(p.suffix + ".tmp")
@@ -330,7 +338,7 @@ def run_benchmark(model, processor, handle, dataset: Dataset, protocol: Protocol
 
     if resume and retry_errors:
         _drop_error_rows(pred_dir, bench, rank, world_size)
-    existing = _all_rows(pred_dir, bench, repair_file=my_file if resume else None)
+    existing = _all_rows(pred_dir, bench, repair_file=my_file if resume else None, report=resume and rank == 0)
     if not resume and (read_predictions(main_file) or read_predictions(my_file)):
         raise FileExistsError(f"{pred_dir} already holds {bench} predictions; pass resume=True (--resume) to continue "
                               f"that run, or choose a new output folder")
@@ -422,11 +430,21 @@ def _shard_files(pred_dir: Path, bench: str) -> list[Path]:
     return sorted(pred_dir.glob(f"{bench}.rank*.jsonl"))
 
 
-def _all_rows(pred_dir: Path, bench: str, repair_file: Path | None = None) -> list[dict]:
+def _all_rows(pred_dir: Path, bench: str, repair_file: Path | None = None, report: bool = False) -> list[dict]:
+    """Rows of every prediction file of ``bench``; ``report``: say on stderr which lines were dropped and why."""
     rows = []
     for f in [pred_dir / f"{bench}.jsonl"] + _shard_files(pred_dir, bench):
-        rows.extend(read_predictions(f, repair=(repair_file is not None and f == repair_file)))
+        dropped: list = []
+        rows.extend(read_predictions(f, repair=(repair_file is not None and f == repair_file), dropped=dropped))
+        if report and dropped:
+            shown = "; ".join(f"line {no}: {why}" for no, why in dropped[:5]) + ("; ..." if len(dropped) > 5 else "")
+            _warn(f"--resume: dropped {len(dropped)} unreadable line(s) of {f} ({shown}); their samples run again")
     return rows
+
+
+def _warn(message: str) -> None:
+    """One ``warning:`` line on stderr (the command line's format), at once: a run may take hours."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def _drop_error_rows(pred_dir: Path, bench: str, rank: int, world_size: int) -> None:
@@ -572,7 +590,27 @@ def _score_pope(valid, protocol, dataset) -> dict:
     rep = score_pope_splits(splits, protocol.scorer_rule, zero_division=protocol.zero_division)
     d = rep.to_dict()
     return {"splits": d["splits"], "average": d["average"], "headline": d["average"]["f1"],
-            "headline_name": "POPE F1 (mean over splits)", "higher_is_better": True}
+            "headline_name": pope_headline_name(list(labels), _data_splits(dataset) or list(labels)),
+            "splits_scored": list(labels), "higher_is_better": True}
+
+
+def _data_splits(dataset) -> list[str]:
+    """The POPE splits of the data (before any ``--limit``), in the data's order."""
+    if dataset is None:
+        return []
+    sizes = dataset.info.get("splits") or {}
+    return [str(s) for s in sizes] or list(dict.fromkeys(str(r.get("split")) for r in dataset.records))
+
+
+def pope_headline_name(scored: Sequence[str], data_splits: Sequence[str]) -> str:
+    """The name of the POPE headline: ``POPE F1 (mean over splits)`` when every split of the data was scored, else
+    which were: ``POPE F1 (mean over 1 of 3 splits: coco_pope_random)`` (a ``--limit`` smaller than the number of
+    splits, or a split whose every row failed), so a summary never claims more than it measured."""
+    missing = [s for s in data_splits if s not in scored]
+    if not missing:
+        return "POPE F1 (mean over splits)"
+    total = len(set(data_splits) | set(scored))
+    return f"POPE F1 (mean over {len(scored)} of {total} splits: {', '.join(scored)})"
 
 
 def _one_line(s: str) -> str:
