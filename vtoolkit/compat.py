@@ -236,3 +236,20 @@ def outputs_not_captured():
         yield
     finally:
         collector.reset(token)
+
+
+# Attention implementations every transformers version takes without a registry entry.
+BUILTIN_ATTENTION = ("eager", "sdpa")
+
+
+def attention_implementations() -> list[str]:
+    """The names ``attn_implementation`` / ``model.set_attn_implementation`` accept: ``eager``, ``sdpa`` and
+    every entry of transformers' attention-function registry (``AttentionInterface``: flash_attention_2/3/4,
+    flex_attention, paged|eager, ...), less the ``vtoolkit_*`` dispatchers vtoolkit registers itself (an
+    implementation detail of method hooks, see :mod:`vtoolkit.hooks.attention`)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from vtoolkit.hooks.attention import PREFIX
+
+    names = [*BUILTIN_ATTENTION, *ALL_ATTENTION_FUNCTIONS.valid_keys()]
+    return [n for n in dict.fromkeys(names) if not n.startswith(PREFIX)]

@@ -141,6 +141,15 @@ class MethodConfig:
     def validate(self) -> None:  # pragma: no cover - default: nothing to check
         return None
 
+    def check_model(self, adapter, spans=None) -> None:
+        """Raise ValueError when this config cannot run on the model of ``adapter`` (a
+        :class:`vtoolkit.models.base.ModelAdapter`): the bounds only the loaded model knows (a layer index below its
+        layer count, a token budget within its visual tokens). ``spans``: the :class:`~vtoolkit.models.base.ImageSpan`
+        lists of a batch the model will see (``adapter.image_spans(inputs)``), when known; None checks the model
+        only. Runs in :meth:`vtoolkit.methods.base.Method.check` (so in ``apply_method``) and in ``vtoolkit eval``
+        right after loading, before the first batch (exit 2). Default: nothing to check."""
+        return None
+
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls)]

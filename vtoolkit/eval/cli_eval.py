@@ -35,6 +35,9 @@ def split_sets(items) -> tuple[dict, dict, dict]:
 
 def parse_data(items, benches) -> dict:
     """``--data pope=PATH`` (repeatable) or a bare ``--data PATH`` when one benchmark is evaluated."""
+    import os
+    import re
+
     from vtoolkit.config import ConfigError
 
     out: dict = {}
@@ -42,6 +45,9 @@ def parse_data(items, benches) -> dict:
         head, sep, rest = item.partition("=")
         if sep and head in BENCHMARKS:
             out[head] = rest
+        elif sep and re.fullmatch(r"[A-Za-z_][\w-]*", head) and not os.path.exists(item):
+            raise ConfigError(f"--data {item!r}: unknown benchmark {head!r}; write BENCH=PATH with BENCH one of "
+                              f"{', '.join(BENCHMARKS)} (or a bare PATH when one benchmark is evaluated)")
         elif len(benches) == 1:
             out[benches[0]] = item
         else:
@@ -59,6 +65,31 @@ def _report_problems(metrics: dict) -> None:
         typer.echo(f"warning: {w}", err=True)
     if errors:
         fail("\n".join(errors), 1)
+
+
+def resume_command(argv: list[str] | None = None) -> str:
+    """The command line that continues the interrupted ``vtoolkit eval`` of ``argv`` (default ``sys.argv``): the
+    same arguments, ``--overwrite`` dropped (it would delete what was done), ``--resume`` added."""
+    import shlex
+    import sys
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "eval" not in args:   # not started from a command line (e.g. invoked in-process): name the rule
+        return "the same vtoolkit eval command with --resume (without --overwrite)"
+    args = [a for a in args if a != "--overwrite"]
+    if "--resume" not in args and "--retry-errors" not in args:
+        args.append("--resume")
+    return "vtoolkit " + shlex.join(args)
+
+
+def _interrupted(out: Path) -> None:
+    """Ctrl-C: say where the run is and how to continue it, exit 130 (the shell's code for SIGINT)."""
+    if (Path(out) / "config.json").is_file():
+        typer.echo(f"interrupted: the predictions written so far are kept in the run folder {out}; continue with:\n"
+                   f"  {resume_command()}", err=True)
+    else:
+        typer.echo(f"interrupted before anything was written to {out}; run the same command again", err=True)
+    raise typer.Exit(code=130)
 
 
 def register_commands(app: typer.Typer) -> None:
@@ -112,8 +143,11 @@ def register_commands(app: typer.Typer) -> None:
                              data=data_map, protocol_overrides=protocol, limit=limit, batch_size=batch_size,
                              dtype=dtype, device_map=device_map, attn_implementation=attn_implementation, seed=seed,
                              names=names)
-        metrics = evaluate(cfg, out, resume=resume or retry_errors, overwrite=overwrite, retry_errors=retry_errors,
-                           progress=progress, names=names)
+        try:
+            metrics = evaluate(cfg, out, resume=resume or retry_errors, overwrite=overwrite,
+                               retry_errors=retry_errors, progress=progress, names=names)
+        except KeyboardInterrupt:
+            _interrupted(out)
         if metrics is None:   # a rank > 0 of a data-parallel run: rank 0 reports
             return
         for b, m in metrics["benchmarks"].items():

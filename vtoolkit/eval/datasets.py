@@ -34,7 +34,8 @@ CHAIR ``coco``: a COCO val2014 image folder (``path`` itself or ``path/val2014``
       subset of ``protocol.n_images`` images is drawn from the *sorted* file list.
 
 ``limit`` (:meth:`Dataset.limit`, ``--limit N``) keeps N samples: for POPE N spread evenly over the splits (the first
-records of each split, so the headline "mean over splits" still averages every split), for MME and CHAIR the first N.
+records of each split, so the headline "mean over splits" averages every split once N >= the number of splits; with
+fewer, the headline says which splits it averages), for MME and CHAIR the first N.
 """
 from __future__ import annotations
 
@@ -247,12 +248,19 @@ def _unique(ids_seen: dict, base: str) -> str:
 
 def _read_json_rows(path: Path) -> list[tuple[int, Any, str | None]]:
     """``(line_no, obj_or_None, error)`` per record of a JSON Lines file or a JSON array; bad lines -> error."""
-    raw = path.read_bytes().decode("utf-8-sig").replace("\r\n", "\n").replace("\r", "\n")
+    from vtoolkit.eval.scorers._io import decode_text
+
+    raw = decode_text(path.read_bytes(), path)
+    if not raw.strip():
+        raise ConfigError(f"{path}: an empty question file (no records); give a POPE question file (JSON Lines or a "
+                          f"JSON array)")
     if raw.lstrip().startswith("["):
         try:
             data = json.loads(raw)
         except json.JSONDecodeError as e:
             return [(0, None, f"{path.name}: not a valid JSON array ({e})")]
+        if not data:
+            raise ConfigError(f"{path}: an empty question file (a JSON array with no records)")
         return [(i + 1, obj, None) for i, obj in enumerate(data)]
     out = []
     for n, line in enumerate(raw.split("\n"), 1):

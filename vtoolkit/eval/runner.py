@@ -33,6 +33,7 @@ earlier run.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -45,12 +46,13 @@ from pathlib import Path
 from typing import Any
 
 from vtoolkit.config import ConfigError
-from vtoolkit.eval.datasets import Dataset, load_dataset, open_image, public_record
+from vtoolkit.eval.datasets import Dataset, DataSpec, load_dataset, open_image, public_record
 from vtoolkit.eval.protocol import BENCHMARKS, SCORING_FIELDS, Protocol, resolve_protocol
 
 __all__ = [
     "EvalConfig",
     "RunInterrupted",
+    "check_method_on_model",
     "dist_info",
     "env_info",
     "evaluate",
@@ -75,14 +77,28 @@ def load_model(spec: str, *, dtype: str = "auto", device_map: str | None = None,
     """``tiny:<arch>`` -> :func:`vtoolkit.models.tiny.build`; anything else -> ``AutoModelForImageTextToText`` +
     ``AutoProcessor`` from a local path or hub id, ``ref:shapes`` being the reference model shipped in the package
     (:mod:`vtoolkit.models.reference`) (``dtype``: auto|float16|bfloat16|float32; ``device_map``: e.g. ``auto``,
-    ``cuda:0``, ``cpu``)."""
+    ``cuda:0``, ``cpu``).
+
+    Every setting is applied to every model, tiny ones included, or refused with a ConfigError before the model is
+    built: ``attn_implementation`` must be a name transformers knows and is set with ``model.set_attn_implementation``
+    (its error, e.g. a flash-attention package that is not installed, is a ConfigError too); ``device_map`` must name
+    a device this machine has (a tiny model is moved there; ``auto``: the first GPU, else the CPU)."""
     import torch
 
+    from vtoolkit.eval.validate import check_attn_implementation, check_device_map
+
+    check_attn_implementation(attn_implementation)
+    check_device_map(device_map, tiny=spec.startswith("tiny:"))
     if spec.startswith("tiny:"):
         from vtoolkit.models import tiny
 
         td = torch.float32 if dtype in ("auto", None) else getattr(torch, dtype)
         model, proc = tiny.build(spec.split(":", 1)[1], seed=seed, dtype=td)
+        if device_map is not None:
+            from vtoolkit.eval.validate import PLACEMENTS
+
+            model.to(("cuda" if torch.cuda.is_available() else "cpu") if device_map in PLACEMENTS else device_map)
+        _set_attn_implementation(model, attn_implementation)
         return model, proc
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -92,11 +108,10 @@ def load_model(spec: str, *, dtype: str = "auto", device_map: str | None = None,
     kwargs: dict[str, Any] = {"dtype": dtype if dtype in ("auto", None) else getattr(torch, dtype)}
     if device_map:
         kwargs["device_map"] = device_map
-    if attn_implementation:
-        kwargs["attn_implementation"] = attn_implementation
     if trust_remote_code:
         kwargs["trust_remote_code"] = True
     model = AutoModelForImageTextToText.from_pretrained(spec, **kwargs).eval()
+    _set_attn_implementation(model, attn_implementation)
     proc = AutoProcessor.from_pretrained(spec, trust_remote_code=trust_remote_code)
     if getattr(proc, "tokenizer", None) is not None:
         proc.tokenizer.padding_side = "left"
@@ -105,6 +120,17 @@ def load_model(spec: str, *, dtype: str = "auto", device_map: str | None = None,
         if torch.cuda.is_available():
             model.to(f"cuda:{r['local_rank']}")
     return model, proc
+
+
+def _set_attn_implementation(model, impl: str | None) -> None:
+    """``model.set_attn_implementation(impl)`` (every sub-model); what transformers refuses (a kernel package that is
+    not installed, an implementation this model does not support) is a ConfigError naming the setting."""
+    if impl is None:
+        return
+    try:
+        model.set_attn_implementation(impl)
+    except (ValueError, ImportError) as e:
+        raise ConfigError(f"attn_implementation {impl!r}: {e}") from None
 
 
 def _model_device(model):
@@ -161,27 +187,35 @@ def dist_info() -> dict:
 
 
 # ------------------------------------------------------------------------------------------------------ files
-def read_predictions(path: str | Path, repair: bool = False) -> list[dict]:
+def read_predictions(path: str | Path, repair: bool = False, dropped: list | None = None) -> list[dict]:
     """Rows of a predictions JSONL file. A line that does not parse (a write cut off by a crash) is skipped; with
-    ``repair=True`` the file is rewritten without it so that appending continues on a clean line boundary."""
+    ``repair=True`` the file is rewritten without it so that appending continues on a clean line boundary.
+    ``dropped``: a list that gets ``(line number, why)`` of each skipped line."""
     p = Path(path)
     if not p.exists():
         return []
     raw = p.read_bytes()
     rows, good_bytes, bad = [], [], 0
-    for line in raw.split(b"\n"):
+    lines = raw.split(b"\n")
+    for no, line in enumerate(lines, 1):
         if not line.strip():
             continue
+        why = None
         try:
             obj = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            bad += 1
-            continue
-        if isinstance(obj, dict) and "id" in obj:
-            rows.append(obj)
-            good_bytes.append(line)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            cut = no == len(lines) and not raw.endswith(b"\n")
+            why = "cut off (the last write did not finish)" if cut else f"not valid JSON ({getattr(e, 'msg', e)})"
         else:
+            if isinstance(obj, dict) and "id" in obj:
+                rows.append(obj)
+                good_bytes.append(line)
+            else:
+                why = "not a prediction row (a JSON object with an id)"
+        if why is not None:
             bad += 1
+            if dropped is not None:
+                dropped.append((no, why))
     needs_fix = bad or (raw and not raw.endswith(b"\n"))
     if repair and needs_fix:
         tmp = p.with_suffix(p.suffix + ".tmp")
@@ -304,7 +338,7 @@ def run_benchmark(model, processor, handle, dataset: Dataset, protocol: Protocol
 
     if resume and retry_errors:
         _drop_error_rows(pred_dir, bench, rank, world_size)
-    existing = _all_rows(pred_dir, bench, repair_file=my_file if resume else None)
+    existing = _all_rows(pred_dir, bench, repair_file=my_file if resume else None, report=resume and rank == 0)
     if not resume and (read_predictions(main_file) or read_predictions(my_file)):
         raise FileExistsError(f"{pred_dir} already holds {bench} predictions; pass resume=True (--resume) to continue "
                               f"that run, or choose a new output folder")
@@ -396,11 +430,21 @@ def _shard_files(pred_dir: Path, bench: str) -> list[Path]:
     return sorted(pred_dir.glob(f"{bench}.rank*.jsonl"))
 
 
-def _all_rows(pred_dir: Path, bench: str, repair_file: Path | None = None) -> list[dict]:
+def _all_rows(pred_dir: Path, bench: str, repair_file: Path | None = None, report: bool = False) -> list[dict]:
+    """Rows of every prediction file of ``bench``; ``report``: say on stderr which lines were dropped and why."""
     rows = []
     for f in [pred_dir / f"{bench}.jsonl"] + _shard_files(pred_dir, bench):
-        rows.extend(read_predictions(f, repair=(repair_file is not None and f == repair_file)))
+        dropped: list = []
+        rows.extend(read_predictions(f, repair=(repair_file is not None and f == repair_file), dropped=dropped))
+        if report and dropped:
+            shown = "; ".join(f"line {no}: {why}" for no, why in dropped[:5]) + ("; ..." if len(dropped) > 5 else "")
+            _warn(f"--resume: dropped {len(dropped)} unreadable line(s) of {f} ({shown}); their samples run again")
     return rows
+
+
+def _warn(message: str) -> None:
+    """One ``warning:`` line on stderr (the command line's format), at once: a run may take hours."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def _drop_error_rows(pred_dir: Path, bench: str, rank: int, world_size: int) -> None:
@@ -548,10 +592,30 @@ def _score_pope(valid, protocol, dataset) -> dict:
     rep = score_pope_splits(splits, protocol.scorer_rule, zero_division=protocol.zero_division)
     d = rep.to_dict()
     out = {"splits": d["splits"], "average": d["average"], "headline": d["average"]["f1"],
-           "headline_name": "POPE F1 (mean over splits)", "higher_is_better": True}
+           "headline_name": pope_headline_name(list(labels), _data_splits(dataset) or list(labels)),
+           "splits_scored": list(labels), "higher_is_better": True}
     if out["headline"] is None:   # scored; F1 undefined (no "yes" answer): say so instead of a number
         out["headline_note"] = d["average"]["notes"].get("f1", "undefined")
     return out
+
+
+def _data_splits(dataset) -> list[str]:
+    """The POPE splits of the data (before any ``--limit``), in the data's order."""
+    if dataset is None:
+        return []
+    sizes = dataset.info.get("splits") or {}
+    return [str(s) for s in sizes] or list(dict.fromkeys(str(r.get("split")) for r in dataset.records))
+
+
+def pope_headline_name(scored: Sequence[str], data_splits: Sequence[str]) -> str:
+    """The name of the POPE headline: ``POPE F1 (mean over splits)`` when every split of the data was scored, else
+    which were: ``POPE F1 (mean over 1 of 3 splits: coco_pope_random)`` (a ``--limit`` smaller than the number of
+    splits, or a split whose every row failed), so a summary never claims more than it measured."""
+    missing = [s for s in data_splits if s not in scored]
+    if not missing:
+        return "POPE F1 (mean over splits)"
+    total = len(set(data_splits) | set(scored))
+    return f"POPE F1 (mean over {len(scored)} of {total} splits: {', '.join(scored)})"
 
 
 def _one_line(s: str) -> str:
@@ -641,9 +705,10 @@ def resolve_config(*, model: str, method: str = "none", method_options: Mapping 
     method and its options (names, types, ranges, supported model type), benchmarks, data paths, protocol overrides,
     limit, batch size, dtype. All problems are raised together as one :class:`~vtoolkit.config.ConfigError`, each
     naming the setting as ``names`` spells it (default: these keyword names; the CLI passes its option names)."""
-    from vtoolkit.eval.datasets import DataSpec
     from vtoolkit.eval.validate import (
         Collector,
+        check_attn_implementation,
+        check_device_map,
         check_dtype,
         check_method_model,
         check_model,
@@ -703,9 +768,10 @@ def resolve_config(*, model: str, method: str = "none", method_options: Mapping 
         check_dtype(dtype, n["dtype"])
     if isinstance(seed, bool) or not isinstance(seed, int):
         c.problems.append(f"{n['seed']} must be an integer, got {seed!r}")
-    if attn_implementation is not None and not isinstance(attn_implementation, str):
-        c.problems.append(f"{n['attn_implementation']} must be a name such as sdpa or eager, got "
-                          f"{attn_implementation!r}")
+    with c.check():
+        check_attn_implementation(attn_implementation, n["attn_implementation"])
+    with c.check():
+        check_device_map(device_map, n["device_map"], tiny=isinstance(model, str) and model.startswith("tiny:"))
     c.raise_if_any()
     return EvalConfig(model=model, method=name, method_options=dict(method_options or {}), method_config=mconf,
                       benchmarks=benches, data={b: s.to_dict() for b, s in specs.items()}, protocols=protocols,
@@ -829,6 +895,10 @@ def evaluate(cfg: Mapping, out: str | Path, *, resume: bool = False, overwrite: 
     protocols = {b: resolve_protocol(b, {k: v for k, v in p.items() if k != "bench"})
                  for b, p in cfg["protocols"].items()}
     datasets = {b: load_dataset(b, cfg["data"][b], protocols[b]).limit(cfg.get("limit")) for b in cfg["benchmarks"]}
+    empty = [f"{n['data']}: the {b} data {DataSpec.from_any(b, cfg['data'][b]).path} holds no samples" for b, d in datasets.items()
+             if not len(d)]
+    if empty:
+        raise ConfigError(empty)
     cfg["data_info"] = {b: _short_info(d.info) for b, d in datasets.items()}
     cfg["data_fingerprint"] = {b: d.fingerprint() for b, d in datasets.items()}
     _prepare_run_folder(out, cfg, rank, world, resume, overwrite, n)
@@ -839,6 +909,9 @@ def evaluate(cfg: Mapping, out: str | Path, *, resume: bool = False, overwrite: 
     else:
         model, processor = model_and_processor
 
+    with _setting_error(f"{n['method_options']}: {cfg['method']}: "):
+        check_method_on_model(model, processor, cfg["method"], cfg.get("method_options", {}),
+                              [(datasets[b], protocols[b]) for b in cfg["benchmarks"]])
     handle = vt.apply_method(model, cfg["method"], **cfg.get("method_options", {}))
     try:
         if rank == 0:
@@ -866,6 +939,43 @@ def evaluate(cfg: Mapping, out: str | Path, *, resume: bool = False, overwrite: 
                                     "data_fingerprint": cfg["data_fingerprint"][b]}
     _write_json(out / "metrics.json", metrics)
     return metrics
+
+
+@contextlib.contextmanager
+def _setting_error(prefix: str):
+    """A ValueError / NotImplementedError raised inside is a wrong setting: a ConfigError (exit 2) with ``prefix``."""
+    try:
+        yield
+    except ConfigError as e:
+        raise ConfigError([prefix + p for p in e.problems]) from None
+    except (ValueError, NotImplementedError) as e:
+        raise ConfigError(prefix + str(e)) from None
+
+
+def check_method_on_model(model, processor, method: str, options: Mapping | None = None,
+                          data: Sequence[tuple[Dataset, Protocol]] = ()) -> None:
+    """What only the loaded model knows about ``method`` with ``options``, checked before the first batch: the
+    config's bounds (:meth:`~vtoolkit.config.MethodConfig.check_model`: layer indices, token budgets against the
+    visual tokens of each benchmark's first sample in ``data``) and the method's own :meth:`check` (attention
+    implementation, routers...). Raises what they raise (ValueError, NotImplementedError); nothing is installed."""
+    from vtoolkit.models import get_adapter
+    from vtoolkit.registry import get_method
+
+    spec = get_method(method)
+    adapter = get_adapter(model)
+    config = spec.config_cls(**dict(options or {}))
+    spans = []
+    for dataset, protocol in data:
+        first = next((r for r in dataset.records if r.get("error") is None), None)
+        if first is None:
+            continue
+        try:
+            batch = adapter.prepare_inputs(processor, [open_image(first)], [protocol.build_question(first.get("question"))])
+            spans += adapter.image_spans(batch)
+        except Exception:  # noqa: BLE001 - an unreadable first sample: its row records the error when it runs
+            continue
+    config.check_model(adapter, spans or None)
+    spec.cls(config, adapter).check()
 
 
 def _short_info(info: Mapping) -> dict:

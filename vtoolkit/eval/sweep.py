@@ -28,7 +28,9 @@ Before anything runs, the whole sweep is checked (:func:`check_sweep`) and every
 unknown keys (top level and method entries, with did-you-mean), unknown methods, misspelt or out-of-range options of
 any grid point, methods that do not support the model, missing data paths, bad protocol overrides, limit, batch size,
 dtype; then run folders that already hold results are refused unless ``resume`` (continue them; finished runs are only
-re-scored) or ``overwrite`` (delete their results first). ``dry_run`` stops after these checks.
+re-scored) or ``overwrite`` (delete their results first). ``dry_run`` stops after these checks. What only the model
+knows (FastV's ``K`` against its layer count, ``keep_tokens`` against the visual tokens of each benchmark's first
+sample) is checked for every grid point right after the model is loaded, before the first run starts.
 """
 from __future__ import annotations
 
@@ -210,6 +212,31 @@ def check_sweep(spec: Mapping, path: str | Path,
     return points
 
 
+def _check_on_model(model_and_processor, spec: Mapping, plan: list[dict], path: Path) -> None:
+    """What only the loaded model knows (layer counts, visual tokens of each benchmark's first sample), for every run
+    of the sweep before the first one starts: all problems together, a ConfigError (exit 2)."""
+    from vtoolkit.eval.datasets import load_dataset
+    from vtoolkit.eval.protocol import resolve_protocol
+    from vtoolkit.eval.runner import check_method_on_model
+
+    po = spec.get("protocol") or {}
+    data = []
+    for b in spec["benchmarks"]:
+        protocol = resolve_protocol(b, po.get(b))
+        data.append((load_dataset(b, spec["data"][b], protocol).limit(spec.get("limit")), protocol))
+    model, processor = model_and_processor
+    problems = []
+    for p in plan:
+        try:
+            check_method_on_model(model, processor, p["method"], p["options"], data)
+        except ConfigError as e:
+            problems += [f"{path.name}: {p['name']}: {x}" for x in e.problems]
+        except (ValueError, NotImplementedError) as e:
+            problems.append(f"{path.name}: {p['name']}: {p['method']}: {e}")
+    if problems:
+        raise ConfigError(problems)
+
+
 def run_sweep(path: str | Path, *, out: str | Path | None = None, resume: bool = False, overwrite: bool = False,
               retry_errors: bool = False, progress: bool = True, dry_run: bool = False,
               overrides: Mapping | None = None, data_paths: Mapping[str, str] | None = None,
@@ -246,6 +273,7 @@ def run_sweep(path: str | Path, *, out: str | Path | None = None, resume: bool =
         model_and_processor = load_model(spec["model"], dtype=spec.get("dtype", "auto"),
                                          device_map=spec.get("device_map"),
                                          attn_implementation=spec.get("attn_implementation"), seed=spec.get("seed", 0))
+    _check_on_model(model_and_processor, spec, plan, path)
     errors, warnings = [], []
     for p in plan:
         cfg = resolve_config(model=spec["model"], method=p["method"], method_options=p["options"],

@@ -52,6 +52,64 @@ def check_dtype(dtype: Any, name: str = "dtype") -> str:
     return dtype
 
 
+# accelerate's placement strategies: a model of one device (tiny:ARCH) goes to the first GPU, else stays on the CPU
+PLACEMENTS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def check_attn_implementation(impl: Any, name: str = "attn_implementation") -> str | None:
+    """``impl`` if it is None or a name transformers can run (:func:`vtoolkit.compat.attention_implementations`:
+    eager, sdpa and its registry of attention functions); ConfigError listing the names otherwise."""
+    if impl is None:
+        return None
+    from vtoolkit.compat import attention_implementations
+
+    known = attention_implementations()
+    if not isinstance(impl, str) or impl not in known:
+        import difflib
+
+        close = difflib.get_close_matches(str(impl), known, n=1) if isinstance(impl, str) else []
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"{name} {impl!r} is not an attention implementation transformers knows.{hint} Choose one "
+                          f"of {', '.join(known)}")
+    return impl
+
+
+def check_device_map(device_map: Any, name: str = "device_map", *, tiny: bool = False) -> Any:
+    """``device_map`` if this machine can place a model that way; ConfigError otherwise.
+
+    None (one device per process), a placement strategy (:data:`PLACEMENTS`), or one device (``cpu``, ``cuda``,
+    ``cuda:1``, ``mps``) that exists here; a mapping of module names to devices for checkpoints (accelerate's
+    ``device_map`` dict), not for ``tiny:`` models (``tiny=True``), which run on one device."""
+    if device_map is None or device_map in PLACEMENTS:
+        return device_map
+    if isinstance(device_map, Mapping):
+        if tiny:
+            raise ConfigError(f"{name}: a tiny: model runs on one device; give one (cpu, cuda:0) or auto")
+        return device_map
+    import torch
+
+    try:
+        dev = torch.device(device_map) if isinstance(device_map, str) else None
+    except (RuntimeError, ValueError):
+        dev = None
+    if dev is None:
+        raise ConfigError(f"{name} {device_map!r} is not a device nor a placement; give one device (cpu, cuda, "
+                          f"cuda:0) or one of {', '.join(PLACEMENTS)}")
+    if dev.type == "cpu":
+        return device_map
+    backend = getattr(torch, dev.type, None) if dev.type != "mps" else getattr(torch.backends, "mps", None)
+    available = bool(backend is not None and getattr(backend, "is_available", lambda: False)())
+    if not available:
+        raise ConfigError(f"{name} {device_map!r}: this machine has no {dev.type.upper()} device "
+                          f"(torch.{'backends.mps' if dev.type == 'mps' else dev.type}.is_available() is False); "
+                          f"leave {name} out or pass cpu to run on the CPU")
+    count = getattr(backend, "device_count", None)
+    if dev.index is not None and count is not None and dev.index >= count():
+        raise ConfigError(f"{name} {device_map!r}: this machine has {count()} {dev.type.upper()} device(s) "
+                          f"({dev.type}:0 .. {dev.type}:{count() - 1})")
+    return device_map
+
+
 # ------------------------------------------------------------------------------------------------ methods
 def supported_model_types(method: str) -> list[str]:
     """The HF model types (``config.model_type``) with a vtoolkit adapter that ``method`` supports."""

@@ -30,8 +30,11 @@ class Method:
         return self.spec.name
 
     def check(self) -> None:
-        """Raise a clear error if this model cannot run this configuration (called before installing)."""
-        return None
+        """Raise a clear error if this model cannot run this configuration (called before installing; ``vtoolkit
+        eval`` also calls it right after loading the model, before the first batch, and exits 2 on a ValueError or
+        NotImplementedError). The base checks the config's model bounds (:meth:`MethodConfig.check_model`);
+        subclasses that override it call ``super().check()`` first."""
+        self.config.check_model(self.adapter)
 
     def install(self, hooks, ctx) -> None:
         raise NotImplementedError

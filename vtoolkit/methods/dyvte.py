@@ -245,6 +245,13 @@ class DyVTEConfig(MethodConfig):
             raise ConfigError(f"routers must be a path to a routers .safetensors file / folder or a DyVTERouters "
                              f"object, got {type(r).__name__}")
 
+    def check_model(self, adapter, spans=None) -> None:
+        """exit_layer within the LLM's layers: 0..L-1 or -L..-1."""
+        L, k = adapter.num_layers, self.exit_layer
+        if k is not None and not -L <= k < L:
+            raise ConfigError(f"exit_layer={k} is out of range for this {L}-layer LLM: use 0..{L - 1} (removal "
+                              f"from layer k+1 on) or -{L}..-1 (exit_layer=-1: the last layer, no change)")
+
     def to_dict(self) -> dict[str, Any]:
         r = self.routers
         return {"routers": r if r is None or isinstance(r, str) else str(r) if isinstance(r, os.PathLike)
@@ -263,6 +270,7 @@ class DyVTE(Method):
     rewrites_sequence = True
 
     def check(self) -> None:
+        super().check()
         L = self.adapter.num_layers
         impl = current_implementation(self.adapter.text_config)
         if "flash" in impl or "flex" in impl:
@@ -273,9 +281,6 @@ class DyVTE(Method):
         self.routers = None
         k = self.config.exit_layer
         if k is not None:
-            if not -L <= k < L:
-                raise ConfigError(f"exit_layer={k} is out of range for this {L}-layer LLM: use 0..{L - 1} (removal "
-                                 f"from layer k+1 on) or -{L}..-1 (exit_layer=-1: the last layer, no change)")
             self.exit = k % L
             return
         r = self.config.routers

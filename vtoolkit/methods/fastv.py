@@ -50,6 +50,12 @@ class FastVConfig(BudgetConfig):
         if not isinstance(self.K, int) or isinstance(self.K, bool) or self.K < 1:
             raise ValueError(f"K must be an integer >= 1 (scores come from layer K-1), got {self.K!r}")
 
+    def check_model(self, adapter, spans=None) -> None:
+        """K < the LLM's layer count (layers K..L-1 see the pruned sequence); the budget against ``spans``."""
+        if self.K >= adapter.num_layers:
+            raise ValueError(f"K={self.K} must be < the {adapter.num_layers} LLM layers")
+        super().check_model(adapter, spans)
+
 
 def last_query_scores(query, key, attention_mask, scaling) -> torch.Tensor:
     """Head-averaged attention probabilities of the last query over all keys: ``[B, Lk]``."""
@@ -73,8 +79,7 @@ class FastV(Method):
     rewrites_sequence = True
 
     def check(self) -> None:
-        if self.config.K >= self.adapter.num_layers:
-            raise ValueError(f"K={self.config.K} must be < the {self.adapter.num_layers} LLM layers")
+        super().check()
         impl = current_implementation(self.adapter.text_config)
         if "flash" in impl or "flex" in impl:
             raise ValueError(f"fastv rewrites the causal mask of layers >= K, which needs 'sdpa' or 'eager' attention in "

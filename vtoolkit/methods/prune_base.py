@@ -50,6 +50,21 @@ class BudgetConfig(MethodConfig):
     def budget(self, n: int, what: str) -> int:
         return budget(n, self.keep_ratio, self.keep_tokens, what)
 
+    def budget_units(self, span) -> list[tuple[int, str]]:
+        """``(visual tokens, what)`` of each budget unit of one image (an :class:`~vtoolkit.models.base.ImageSpan`):
+        here the whole image (its ``num_tokens``), as FastV counts it."""
+        return [(span.num_tokens, f"image {span.image_index}")]
+
+    def check_model(self, adapter, spans=None) -> None:
+        """``keep_tokens`` must fit every budget unit of the images in ``spans`` (the budget rule's own error)."""
+        super().check_model(adapter, spans)
+        if self.keep_tokens is None or not spans:
+            return
+        for b, sample in enumerate(spans):
+            for span in sample:
+                for n, what in self.budget_units(span):
+                    self.budget(n, f"{what} (sample {b})")
+
 
 @dataclass(frozen=True)
 class PruneConfig(BudgetConfig):
@@ -64,6 +79,14 @@ class PruneConfig(BudgetConfig):
             raise ValueError(f"positions must be 'contiguous', 'original' or None (family default), got "
                              f"{self.positions!r}")
 
+    def budget_units(self, span) -> list[tuple[int, str]]:
+        """Per crop (``per_crop`` or a one-crop image): the crop's full grid; ``global``: the image's patch tokens
+        (as :func:`select_top` counts them)."""
+        full = span.grid[0] * span.grid[1] if span.grid else None
+        if self.budget_scope == "per_crop" or len(span.crops) == 1:
+            return [(full or int(c.numel()), f"crop {i} of image {span.image_index}") for i, c in enumerate(span.crops)]
+        return [(sum(int(c.numel()) for c in span.crops), f"image {span.image_index}")]
+
 
 class ScorePrune(Method):
     """Base of score-based pre-LLM pruners."""
@@ -76,6 +99,7 @@ class ScorePrune(Method):
         return self.config.positions or self.default_positions[self.adapter.position_kind]
 
     def check(self) -> None:
+        super().check()
         SequencePruner(self.adapter, None, None, self.positions_policy())  # validates the policy for this model
 
     def install(self, hooks, ctx) -> None:

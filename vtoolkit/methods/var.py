@@ -154,6 +154,20 @@ class VARConfig(MethodConfig):
         object.__setattr__(self, "layers", _int_tuple("layers", self.layers))
         object.__setattr__(self, "sink_dims", _int_tuple("sink_dims", self.sink_dims))
 
+    def check_model(self, adapter, spans=None) -> None:
+        """layers within the LLM's layers (the default 2 .. L-1 not empty); sink_dims below its hidden size."""
+        n = adapter.num_layers
+        layers = self.layers if self.layers is not None else tuple(range(2, n))
+        bad = [i for i in layers if i >= n]
+        if bad:
+            raise ValueError(f"layers: {bad} out of range for the {n}-layer LLM (valid: 0 .. {n - 1})")
+        if not layers:
+            raise ValueError(f"layers: the default (2 .. L-1) is empty for a {n}-layer LLM; pass layers=[...]")
+        hidden = adapter.text_config.hidden_size
+        bad = [d for d in (self.sink_dims or ()) if d >= hidden]
+        if bad:
+            raise ValueError(f"sink_dims: {bad} >= the LLM hidden size {hidden}")
+
 
 # ---------------------------------------------------------------------------------------------------- the math
 def sink_scores(hidden: torch.Tensor, dims) -> torch.Tensor:
@@ -241,13 +255,9 @@ class VAR(Method):
     supports_continuation = False
 
     def check(self) -> None:
+        super().check()
         cfg, n = self.config, self.adapter.num_layers
         layers = cfg.layers if cfg.layers is not None else tuple(range(2, n))
-        bad = [i for i in layers if i >= n]
-        if bad:
-            raise ValueError(f"layers: {bad} out of range for the {n}-layer LLM (valid: 0 .. {n - 1})")
-        if not layers:
-            raise ValueError(f"layers: the default (2 .. L-1) is empty for a {n}-layer LLM; pass layers=[...]")
         dims = cfg.sink_dims
         if dims is None:
             preset = preset_sink_dims(self.adapter.text_config)

@@ -23,12 +23,17 @@ def dyvte(model: str = typer.Option(..., "--model", help="checkpoint path / hub 
           warmup_ratio: float = typer.Option(0.03, help="share of the steps spent warming up (official 0.03)"),
           save_every: int = typer.Option(500, min=0, help="checkpoint every N steps (0: none)"),
           resume: bool = typer.Option(False, "--resume", help="continue from the last checkpoint in --out"),
+          overwrite: bool = typer.Option(False, "--overwrite", help="delete the results of an earlier run in --out "
+                                                                    "first"),
           seed: int = typer.Option(0), dtype: str = typer.Option("auto", help="auto|float16|bfloat16|float32"),
           max_length: int = typer.Option(2048, min=2, help="tokens per sample (prompt + answer), official 2048"),
           agree: float = typer.Option(0.99, help="label exit iff greedy agreement on the answer > this ..."),
           nll_ratio: float = typer.Option(1.03, help="... and NLL(image keys masked) < this x NLL(full)"),
           progress: bool = typer.Option(True, "--progress/--no-progress")) -> None:
     """Train DyVTE exit routers (one per LLM layer; the LLM frozen) with the official labelling rule.
+
+    An --out holding an earlier run's results is refused unless --resume (continue from its last checkpoint) or
+    --overwrite (delete them first), as in `vtoolkit eval`.
 
     Data parallel: `accelerate launch --multi_gpu --num_processes N -m vtoolkit train dyvte ...` (or
     `torchrun --nproc_per_node N -m vtoolkit ...`). Then `vt.apply_method(model, "dyvte", routers=OUT)`.
@@ -37,8 +42,8 @@ def dyvte(model: str = typer.Option(..., "--model", help="checkpoint path / hub 
 
     cfg = TrainConfig(model=model, data=str(data), images=str(images), out=str(out), router_hidden=router_hidden,
                       batch_size=batch_size, epochs=epochs, max_steps=max_steps, lr=lr, warmup_ratio=warmup_ratio,
-                      save_every=save_every, resume=resume, seed=seed, dtype=dtype, max_length=max_length,
-                      agree=agree, nll_ratio=nll_ratio, progress=progress)
+                      save_every=save_every, resume=resume, overwrite=overwrite, seed=seed, dtype=dtype,
+                      max_length=max_length, agree=agree, nll_ratio=nll_ratio, progress=progress)
     result = train(cfg)     # a wrong setting or file: one `error:` line, exit 2 (vtoolkit/cli.py RootGroup)
     if result.main_process:
         typer.echo(f"trained {result.steps} steps; routers: {result.routers_path}")

@@ -62,7 +62,8 @@ class TrainConfig:
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
     save_every: int = 500             # checkpoint every N steps (0: only at the end)
-    resume: bool = False
+    resume: bool = False              # continue from the last checkpoint in out
+    overwrite: bool = False           # delete the results of an earlier run in out first
     seed: int = 0
     dtype: str = "auto"
     max_length: int = 2048
@@ -335,6 +336,45 @@ def _checkpoints(out: Path) -> list[Path]:
     return sorted(p for p in root.glob("step-*") if (p / "state.json").is_file()) if root.is_dir() else []
 
 
+_ARTIFACTS = ("routers.safetensors", "train_config.json", "train_log*.jsonl", "problems*.jsonl", "checkpoints")
+
+
+def _earlier_results(out: Path) -> list[Path]:
+    """What an earlier training run wrote in ``out`` (other files there are not ours and stay)."""
+    return sorted(p for pat in _ARTIFACTS for p in out.glob(pat)) if out.is_dir() else []
+
+
+def _prepare_out(out: Path, cfg: TrainConfig, acc) -> list[Path]:
+    """The rule of ``vtoolkit eval``'s run folders: an ``out`` holding an earlier run's results is refused unless
+    ``resume`` (continue from its last checkpoint) or ``overwrite`` (delete those results first); returns the
+    checkpoints to resume from."""
+    if cfg.resume and cfg.overwrite:
+        raise ConfigError("--resume and --overwrite exclude each other: continue the earlier run, or delete it and "
+                          "start over")
+    earlier = _earlier_results(out)
+    ckpts = _checkpoints(out)
+    if not earlier:
+        return ckpts
+    if cfg.overwrite:
+        if acc.is_main_process:
+            for p in earlier:
+                if p.is_dir():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink(missing_ok=True)
+        acc.wait_for_everyone()
+        return []
+    shown = ", ".join(p.name for p in earlier[:3]) + (", ..." if len(earlier) > 3 else "")
+    if not cfg.resume:
+        what = f"checkpoints ({ckpts[-1].name})" if ckpts else f"results of an earlier run ({shown})"
+        raise ConfigError(f"--out {out} already holds {what}: pass --resume to continue it from its last checkpoint, "
+                          f"--overwrite to delete them and start over, or choose another --out")
+    if not ckpts:
+        raise ConfigError(f"--resume: {out} holds results of an earlier run ({shown}) but no checkpoint to continue "
+                          f"from (see --save-every); pass --overwrite to start over, or choose another --out")
+    return ckpts
+
+
 def train(cfg: TrainConfig, model=None, processor=None, routers: DyVTERouters | None = None) -> TrainResult:
     """Train DyVTE routers for ``cfg.model`` (or the given ``model``/``processor``); see the module docstring."""
     from accelerate import Accelerator
@@ -344,10 +384,7 @@ def train(cfg: TrainConfig, model=None, processor=None, routers: DyVTERouters | 
     out = Path(cfg.out)
     acc = Accelerator(kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
                       cpu=not torch.cuda.is_available())
-    ckpts = _checkpoints(out)
-    if ckpts and not cfg.resume:
-        raise ConfigError(f"{out} already holds checkpoints ({ckpts[-1].name}): pass --resume to continue, or "
-                              f"choose another --out")
+    ckpts = _prepare_out(out, cfg, acc)
     restore = None
     if model is None:
         from vtoolkit.eval.runner import load_model

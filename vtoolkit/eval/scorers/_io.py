@@ -34,8 +34,21 @@ def _read_text(path: PathLike) -> str:
     raw = p.read_bytes()
     if p.suffix == ".gz" or raw[:2] == b"\x1f\x8b":
         raw = gzip.decompress(raw)
-    # utf-8-sig drops a BOM; CRLF / CR line endings are normalised to LF
-    return raw.decode("utf-8-sig").replace("\r\n", "\n").replace("\r", "\n")
+    return decode_text(raw, p)
+
+
+def decode_text(raw: bytes, path: PathLike) -> str:
+    """``raw`` as UTF-8 text (a BOM dropped, CRLF / CR line endings normalised to LF); a file that is not UTF-8
+    raises a ConfigError (a ValueError) naming ``path``, the byte offset and its line."""
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        from vtoolkit.config import ConfigError
+
+        line = raw[:e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: not a UTF-8 text file (byte 0x{raw[e.start]:02x} at offset {e.start}, line "
+                          f"{line}: {e.reason}); save it as UTF-8") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def read_json_any(path: PathLike) -> Any:
