@@ -49,7 +49,8 @@ class FasterVLMConfig(PruneConfig):
 
 
 @register_method("fastervlm", config=FasterVLMConfig, kind="prune", stage="pre_llm",
-                 architectures=("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision", "internvl"), aliases=("faster_vlm",),
+                 architectures=("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision",
+                                "internvl"), aliases=("faster_vlm",),
                  requires=("vision attention q/k",),
                  description="[CLS]-attention pruning of visual tokens before the LLM (FasterVLM)")
 class FasterVLM(ScorePrune):

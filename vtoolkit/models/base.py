@@ -188,6 +188,11 @@ class ModelAdapter:
         model merges patches into tokens after the feature layer (InternVL's pixel shuffle)."""
         return rows
 
+    def features_by_image(self, pooler_output, inputs) -> list[torch.Tensor]:
+        """``get_image_features(...).pooler_output`` as one ``[N_i, D]`` tensor per image (encoder order); HF gives
+        that already except where it returns one entry per tile (InternVL)."""
+        return list(pooler_output)
+
     def install_llm_extras(self, hooks, ctx) -> None:
         """Called by every sequence rewriter (pre-LLM or mid-stack): install what the model needs so that inputs
         the language model consumes by position follow the rewritten rows (Qwen3-VL: DeepStack). Idempotent per

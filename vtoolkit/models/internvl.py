@@ -115,6 +115,11 @@ class InternVLAdapter(ModelAdapter):
             counts = [n for row in runs[::rep] for n in row]
         return counts
 
+    def features_by_image(self, pooler_output, inputs) -> list[torch.Tensor]:
+        """HF returns ``[tiles, tokens_per_tile, D]`` for all tiles of the call: split it per image."""
+        flat = pooler_output.reshape(-1, pooler_output.shape[-1])
+        return list(flat.split(self.image_token_counts(inputs, encoded=True)))
+
     def _make_span(self, positions, image_index, inputs) -> ImageSpan:
         n = self.tokens_per_crop
         crops = list(positions.split(n))

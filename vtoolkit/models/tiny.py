@@ -358,6 +358,31 @@ def build(arch: str = "llava", seed: int = 0, spec: TinySpec | None = None, dtyp
     return model, proc
 
 
+_VIDEO_PROCESSORS = {"qwen2_vl": "Qwen2VLVideoProcessor", "qwen2_5_vl": "Qwen2VLVideoProcessor",
+                     "qwen3_vl": "Qwen3VLVideoProcessor", "llava_onevision": "LlavaOnevisionVideoProcessor",
+                     "internvl": "InternVLVideoProcessor"}
+
+
+def save_checkpoint(arch: str, path, seed: int = 0) -> None:
+    """Write a tiny model as a checkpoint folder laid out like a hub one: ``save_pretrained`` of the model and of the
+    family's stock processor class (with its video processor, which needs torchvision), so that
+    ``AutoModelForImageTextToText`` / ``AutoProcessor.from_pretrained(path)`` - the code path of a real checkpoint,
+    ``vtoolkit eval --model PATH`` - load it offline. (``build`` returns an image-only processor subclass that
+    ``AutoProcessor`` could not resolve by name.)"""
+    import transformers
+
+    model, proc = build(arch, seed=seed)
+    if arch in _VIDEO_PROCESSORS:
+        stock = type(proc).__mro__[1]
+        kw = {k: getattr(proc, k) for k in ("num_image_tokens", "vision_feature_select_strategy",
+                                            "vision_aspect_ratio", "image_seq_length") if hasattr(proc, k)}
+        video = getattr(transformers, _VIDEO_PROCESSORS[arch])()
+        proc = stock(image_processor=proc.image_processor, tokenizer=proc.tokenizer, video_processor=video,
+                     chat_template=proc.chat_template, **kw)
+    model.save_pretrained(path)
+    proc.save_pretrained(path)
+
+
 def demo_image(seed: int = 0, size: tuple[int, int] = (160, 120)):
     """A deterministic synthetic RGB image (PIL), so demos and tests need no data download."""
     import numpy as np
