@@ -255,10 +255,11 @@ def _build_llava_onevision(s: TinySpec):
     specials = ["<|im_start|>", "<|im_end|>", "<image>", "<video>"]
     tok = build_tokenizer(specials, bos=None, eos="<|im_end|>", pad="<|endoftext|>", add_bos=False)
     n = s.image_size
+    patch = 2 * s.patch      # 4 x 4 patches per crop: the tiled, unpadded sequences stay short (suite time)
     pinpoints = [[n, n], [n, 2 * n], [2 * n, n], [2 * n, 2 * n]]
     vision = SiglipVisionConfig(hidden_size=s.vision_hidden, intermediate_size=s.vision_hidden * 4,
                                 num_hidden_layers=s.vision_layers, num_attention_heads=s.vision_heads,
-                                image_size=n, patch_size=s.patch, vision_use_head=False)
+                                image_size=n, patch_size=patch, vision_use_head=False)
     cfg = LlavaOnevisionConfig(vision_config=vision, text_config=_qwen2_text(s, tok),
                                image_token_index=tok.convert_tokens_to_ids("<image>"),
                                video_token_index=tok.convert_tokens_to_ids("<video>"),
@@ -271,7 +272,7 @@ def _build_llava_onevision(s: TinySpec):
     ip = LlavaOnevisionImageProcessorPil(size={"height": n, "width": n}, image_grid_pinpoints=pinpoints,
                                          image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
     proc = _image_only(LlavaOnevisionProcessor)(image_processor=ip, tokenizer=tok,
-                                                num_image_tokens=(n // s.patch) ** 2,
+                                                num_image_tokens=(n // patch) ** 2,
                                                 vision_feature_select_strategy="full",
                                                 vision_aspect_ratio="anyres_max_9",
                                                 chat_template=ONEVISION_CHAT_TEMPLATE)
