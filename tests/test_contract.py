@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import vtoolkit as vt
-from conftest import ARCHS, assert_same_continuation, tiny_model
+from conftest import ARCHS, NEW_ARCHS, assert_same_continuation, tiny_model
 from vtoolkit.hooks import count_hooks
 from vtoolkit.hooks.attention import interceptor_count
 from vtoolkit.hooks.sequence import force_rewrite
@@ -41,7 +41,7 @@ def _supported(name, arch):
     return "*" in spec.architectures or arch in spec.architectures
 
 
-PAIRS = [(m, a) for m in CASES for a in ARCHS]
+PAIRS = [(m, a) for m in CASES for a in ARCHS + NEW_ARCHS]
 
 
 def test_every_registered_method_is_in_the_contract():

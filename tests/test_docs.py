@@ -106,10 +106,10 @@ def test_quickstart_refuses_an_unsupported_architecture_before_building(monkeypa
     monkeypatch.setattr(vt.models.tiny, "build", build)
     qs = _quickstart()
     with pytest.raises(SystemExit) as info:
-        qs.main(["--arch", "qwen3_vl", "--method", "fastervlm"])
+        qs.main(["--arch", "qwen3_vl", "--method", "vcd"])
     assert info.value.code == 2
-    assert ("method 'fastervlm' does not support 'qwen3_vl' models; it supports llava, llava_next, qwen2_5_vl, "
-            "qwen2_vl") in capsys.readouterr().err
+    assert ("method 'vcd' does not support 'qwen3_vl' models; it supports internvl, llava, llava_next, "
+            "llava_onevision, qwen2_5_vl, qwen2_vl") in capsys.readouterr().err
     with pytest.raises(SystemExit):
         qs.main(["--method", "fastervlm", "--set", "keep_ratio=abc"])
     assert "FasterVLMConfig option 'keep_ratio' must be a number or None" in capsys.readouterr().err

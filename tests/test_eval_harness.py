@@ -330,11 +330,12 @@ def test_limit_spreads_pope_over_splits_and_must_be_positive(tmp_path, pope, tin
      "error: --set: fastervlm: budget_scope must be one of ('per_crop', 'global'), got 'diagonal'"),
     (["--method", "fastvlm"], f"error: --method: Unknown method 'fastvlm'. Did you mean 'fastervlm'? Available: "
                               f"{METHODS}."),
-    (["--model", "tiny:qwen3_vl", "--method", "fastervlm"],
-     "error: --method: method 'fastervlm' does not support 'qwen3_vl' models; it supports llava, llava_next, "
-     "qwen2_5_vl, qwen2_vl (vtoolkit list)"),
+    (["--model", "tiny:qwen3_vl", "--method", "vcd"],
+     "error: --method: method 'vcd' does not support 'qwen3_vl' models; it supports internvl, llava, llava_next, "
+     "llava_onevision, qwen2_5_vl, qwen2_vl (vtoolkit list)"),
     (["--model", "tiny:lava"], "error: --model 'tiny:lava': unknown tiny model; choose one of tiny:llava, "
-                               "tiny:llava_next, tiny:qwen2_vl, tiny:qwen2_5_vl, tiny:qwen3_vl"),
+                               "tiny:llava_next, tiny:qwen2_vl, tiny:qwen2_5_vl, tiny:qwen3_vl, "
+                               "tiny:llava_onevision, tiny:internvl"),
     (["--set", "pope.max_new_token=3"], "error: --set: unknown pope protocol option(s) ['max_new_token']. Did you "
                                         "mean 'max_new_tokens' for 'max_new_token'?"),
     (["--set", "keep_ratio"], "error: --set 'keep_ratio' must look like key=value (e.g. keep_ratio=0.1)"),

@@ -229,7 +229,7 @@ def test_qwen3_vl_adapter_and_identity():
     with vt.apply_method(model, "none"):
         assert torch.equal(model.generate(**batch, max_new_tokens=3, do_sample=False), base)
     with pytest.raises(NotImplementedError, match="does not support 'qwen3_vl'"):
-        vt.apply_method(model, "fastervlm")
+        vt.apply_method(model, "vcd")
 
 
 def test_remove_leaves_no_instance_attributes(arch):

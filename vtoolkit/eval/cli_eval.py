@@ -96,7 +96,8 @@ def register_commands(app: typer.Typer) -> None:
     @app.command("eval")
     def eval_cmd(
         model: str = typer.Option(..., "--model", help="checkpoint path / hub id, or tiny:llava|llava_next|qwen2_vl|"
-                                                       "qwen2_5_vl|qwen3_vl (offline tiny random model)"),
+                                                       "qwen2_5_vl|qwen3_vl|llava_onevision|internvl (offline tiny random "
+                                                       "model)"),
         method: str = typer.Option("none", "--method", help="method name, or a preset YAML (configs/methods/*.yaml)"),
         sets: list[str] = typer.Option([], "--set", help="key=value: method option (keep_ratio=0.1), protocol "
                                                          "override (pope.max_new_tokens=10) or data option "

@@ -323,7 +323,7 @@ class CallContext:
         if out is None or not self.features_from_hooked_encoder:
             raise RuntimeError("this call's image features were not computed under this handle (precomputed "
                                "features are not supported by this method)")
-        return list(out.pooler_output)
+        return self.adapter.features_by_image(out.pooler_output, self.inputs)
 
     def merged_embeddings(self, input_ids: torch.Tensor, by_image: list[torch.Tensor] | None = None) -> torch.Tensor:
         """Token embeddings of ``input_ids`` (``[B, L]``, this call's rows) with image features at the visual

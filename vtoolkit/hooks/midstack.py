@@ -59,6 +59,7 @@ class MidStackPruner:
     def install(self, hooks) -> None:
         for i in range(self.layer, self.adapter.num_layers):
             hooks.forward_pre(self.adapter.decoder_layers[i], self._make_hook(i), with_kwargs=True)
+        self.adapter.install_llm_extras(hooks, self.ctx)   # e.g. Qwen3-VL DeepStack follows the kept rows
         self.ctx.listeners.append(self)
 
     def on_prefill(self, ctx) -> None:

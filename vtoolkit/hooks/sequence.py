@@ -103,6 +103,7 @@ class SequencePruner:
 
     def install(self, hooks) -> None:
         hooks.forward_pre(self.adapter.language_model, self._pre, with_kwargs=True)
+        self.adapter.install_llm_extras(hooks, self.ctx)   # e.g. Qwen3-VL DeepStack follows the kept rows
         self.ctx.listeners.append(self)
 
     def on_prefill(self, ctx) -> None:

@@ -71,8 +71,9 @@ class VisionScores:
         hooks.forward_pre(a.vision_tower, self._reset, with_kwargs=True)
         attn = a.vision_attention(self.layer)
         if a.has_cls:
-            hooks.forward(attn.q_proj, lambda m, args, out: setattr(self, "_q", out))
-            hooks.forward(attn.k_proj, lambda m, args, out: setattr(self, "_k", out))
+            q_mod, k_mod = a.vision_qk(self.layer)
+            hooks.forward(q_mod, lambda m, args, out: setattr(self, "_q", out))
+            hooks.forward(k_mod, lambda m, args, out: setattr(self, "_k", out))
             hooks.forward(attn, self._cls_done)
         else:
             intercept(hooks, a.vision_config, [attn], self._received)
@@ -110,6 +111,9 @@ class VisionScores:
             return None
         scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
         cu = kwargs.get("cu_seq_lens_q")
+        if self.adapter.scores_per_crop:            # crops batched (SigLIP in LLaVA-OneVision): one row per crop
+            self._chunks.append(torch.stack([received_attention(q, k, scaling) for q, k in zip(query, key)]))
+            return None
         q, k = query[0], key[0]                     # [H, N, d] (vision attention runs with batch 1)
         if cu is None:
             self._chunks.append(received_attention(q, k, scaling))
@@ -127,12 +131,12 @@ class VisionScores:
     def per_crop(self) -> list[torch.Tensor]:
         """CLS encoders: one ``[N]`` score row per crop, in the order the crops went through the tower."""
         self._check_fresh()
-        return list(torch.cat(self._chunks, 0))
+        return list(self.adapter.merge_patch_scores(torch.cat(self._chunks, 0)))
 
     def by_image(self, ctx) -> list[list[torch.Tensor]]:
         """Per image of the call (encoder order): one score tensor per crop (LLaVA-NeXT: base image, then tiles),
         each over the crop's full raster; what :func:`vtoolkit.methods.prune_base.select_top` takes."""
-        if not self.adapter.has_cls:
+        if not self.adapter.scores_per_crop:
             return [[s] for s in self.per_image()]
         rows = self.per_crop()
         out, cursor = [], 0

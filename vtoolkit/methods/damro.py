@@ -94,7 +94,8 @@ class DAMROConfig(ContrastiveConfig):
 
 
 @register_method("damro", config=DAMROConfig, kind="mitigate", stage="decode",
-                 architectures=("llava", "llava_next", "qwen2_vl", "qwen2_5_vl"),
+                 # not qwen3_vl: the contrast rows carry no DeepStack features yet (README, model families)
+                 architectures=("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "llava_onevision", "internvl"),
                  requires=("vision attention q/k", "a contrast stream batched with the prompt's"),
                  description="Contrastive decoding against a stream that sees only the ViT's outlier tokens (DAMRO)")
 class DAMRO(ContrastiveDecoding):

@@ -263,7 +263,8 @@ def _keep_no_visual(ctx) -> list[torch.Tensor]:
 
 
 @register_method("dyvte", config=DyVTEConfig, kind="prune", stage="llm",
-                 architectures=("llava", "llava_next", "qwen2_vl", "qwen2_5_vl"),
+                 architectures=("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision",
+                                "internvl"),
                  requires=("trained routers (vtoolkit train dyvte) or exit_layer=k",),
                  description="Dynamic visual-token exit: per-layer routers end all visual tokens mid-stack (DyVTE)")
 class DyVTE(Method):

@@ -18,7 +18,12 @@ Ports and deviations (named):
 - Qwen2-VL / Qwen2.5-VL have no CLS: the score is the mean attention each patch receives in the last
   full-attention ViT block, averaged over the 2x2 merge and un-permuted from Qwen2.5-VL's window order (the
   substitute the FasterVLM/VisPruner authors describe). Kept tokens keep their original M-RoPE positions
-  (``positions="original"``), ``rope_deltas`` is fixed.
+  (``positions="original"``), ``rope_deltas`` is fixed. Qwen3-VL: the same score in its last ViT block; the
+  kept tokens' DeepStack features are kept with them (the adapter drops the others from every DeepStack tensor).
+- LLaVA-OneVision (SigLIP, no CLS): the received-attention substitute in the feature layer, per crop (base crop and
+  each tile), pushed through HF's unpad / packing like LLaVA-NeXT; ``image_newline`` tokens are kept.
+- InternVL: InternViT has a CLS: its attention in the feature layer (normalised q / k), per tile (the thumbnail is a
+  tile); pixel shuffle merges 2x2 patches into one token, whose score is the mean of its four patches' scores.
 - Scores come from hooked q/k of that one layer: the vision tower and the LLM keep SDPA / flash attention.
 - ``skip_unused_vision_layers=True`` (default): HF runs every CLIP layer although LLaVA reads the features of layer
   -2; the layers after the feature layer are skipped (their output is never read, so outputs are bit-identical).
@@ -49,7 +54,8 @@ class FasterVLMConfig(PruneConfig):
 
 
 @register_method("fastervlm", config=FasterVLMConfig, kind="prune", stage="pre_llm",
-                 architectures=("llava", "llava_next", "qwen2_vl", "qwen2_5_vl"), aliases=("faster_vlm",),
+                 architectures=("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision",
+                                "internvl"), aliases=("faster_vlm",),
                  requires=("vision attention q/k",),
                  description="[CLS]-attention pruning of visual tokens before the LLM (FasterVLM)")
 class FasterVLM(ScorePrune):

@@ -72,7 +72,8 @@ def last_query_scores(query, key, attention_mask, scaling) -> torch.Tensor:
 
 
 @register_method("fastv", config=FastVConfig, kind="prune", stage="llm",
-                 architectures=("llava", "llava_next", "qwen2_vl", "qwen2_5_vl"),
+                 architectures=("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision",
+                                "internvl"),
                  requires=("LLM attention q/k at layer K-1",),
                  description="Drop low-attention visual tokens after LLM layer K (FastV baseline)")
 class FastV(Method):

@@ -20,7 +20,8 @@ class RandomPruneConfig(PruneConfig):
 
 
 @register_method("random", config=RandomPruneConfig, kind="prune", stage="pre_llm",
-                 architectures=("llava", "llava_next", "qwen2_vl", "qwen2_5_vl"), aliases=("random_prune",),
+                 architectures=("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision",
+                                "internvl"), aliases=("random_prune",),
                  description="Seeded random pruning of visual tokens before the LLM (baseline)")
 class RandomPrune(ScorePrune):
     def token_scores(self, ctx):

@@ -244,7 +244,8 @@ class _LayerState:
 
 
 @register_method("var", config=VARConfig, kind="mitigate", stage="llm_attention",
-                 architectures=("llava", "llava_next", "qwen2_vl", "qwen2_5_vl"),
+                 architectures=("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision",
+                                "internvl"),
                  requires=("attention probabilities of the modified LLM layers (computed there; other layers keep "
                            "SDPA)", "sink_dims (LLaMA-2 preset, or discover_sink_dims)"),
                  description="Visual attention sink redistribution in image-centric rows (VAR)")

@@ -68,7 +68,8 @@ def diffusion_noise(x0: torch.Tensor, step: int, generator: torch.Generator) -> 
 
 
 @register_method("vcd", config=VCDConfig, kind="mitigate", stage="decode",
-                 architectures=("llava", "llava_next", "qwen2_vl", "qwen2_5_vl"),
+                 # not qwen3_vl: the contrast rows carry no DeepStack features yet (README, model families)
+                 architectures=("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "llava_onevision", "internvl"),
                  requires=("a second vision-encoder pass", "a contrast stream batched with the prompt's"),
                  description="Visual contrastive decoding against the same prompt with a noised image (VCD)")
 class VCD(ContrastiveDecoding):
@@ -99,12 +100,13 @@ class VCD(ContrastiveDecoding):
                              "(no image tokens, no pixel_values); run text-only prompts without the handle")
         inputs = ctx.inputs
         noised = self.noised_pixels(inputs)
-        names = ("image_sizes", "image_grid_thw")
+        names = ("image_sizes", "image_grid_thw", "batch_num_images")
         extra = {k: inputs[k] for k in names if inputs.get(k) is not None}
         with side_active(self.adapter.model):         # not this call's encoder pass: scorers and the context skip it
             feats = self.adapter.core.get_image_features(pixel_values=noised, **extra).pooler_output
         ids = inputs["input_ids"][:, :n].to(kwargs["inputs_embeds"].device)
-        rows = ctx.merged_embeddings(ids, by_image=list(feats)).to(kwargs["inputs_embeds"].dtype)
+        by_image = self.adapter.features_by_image(feats, inputs)
+        rows = ctx.merged_embeddings(ids, by_image=by_image).to(kwargs["inputs_embeds"].dtype)
         mask = inputs.get("attention_mask")
         valid = (mask[:, :n].bool().to(ids.device) if mask is not None and mask.dim() == 2
                  else torch.ones_like(ids, dtype=torch.bool))

@@ -88,7 +88,8 @@ def head_selection(a_main: torch.Tensor, a_text: torch.Tensor) -> tuple[torch.Te
 
 
 @register_method("vhr", config=VHRConfig, kind="mitigate", stage="llm",
-                 architectures=("llava", "llava_next", "qwen2_vl", "qwen2_5_vl"),
+                 architectures=("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision",
+                                "internvl"),
                  requires=("o_proj inputs (any attention implementation)", "a text-only side stream at prefill"),
                  description="Vision-aware head reinforcement: scale the heads whose output depends most on the image")
 class VHR(Method):

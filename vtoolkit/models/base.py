@@ -172,6 +172,33 @@ class ModelAdapter:
     def projector(self) -> torch.nn.Module:
         raise NotImplementedError
 
+    @property
+    def scores_per_crop(self) -> bool:
+        """Visual scores come one row per crop over the crop's patch raster (CLS encoders; SigLIP in
+        LLaVA-OneVision), rather than one per image over merged tokens (Qwen ViTs)."""
+        return self.has_cls
+
+    def vision_qk(self, layer: int) -> tuple[torch.nn.Module, torch.nn.Module]:
+        """The modules whose outputs are the query / key that vision layer ``layer``'s attention uses."""
+        attn = self.vision_attention(layer)
+        return attn.q_proj, attn.k_proj
+
+    def merge_patch_scores(self, rows: torch.Tensor) -> torch.Tensor:
+        """Per-crop patch scores ``[n_crops, N]`` -> one score per LLM token of the crop; identity unless the
+        model merges patches into tokens after the feature layer (InternVL's pixel shuffle)."""
+        return rows
+
+    def features_by_image(self, pooler_output, inputs) -> list[torch.Tensor]:
+        """``get_image_features(...).pooler_output`` as one ``[N_i, D]`` tensor per image (encoder order); HF gives
+        that already except where it returns one entry per tile (InternVL)."""
+        return list(pooler_output)
+
+    def install_llm_extras(self, hooks, ctx) -> None:
+        """Called by every sequence rewriter (pre-LLM or mid-stack): install what the model needs so that inputs
+        the language model consumes by position follow the rewritten rows (Qwen3-VL: DeepStack). Idempotent per
+        call context; nothing by default."""
+        return None
+
     def unused_vision_layers(self) -> list[int]:
         """Vision layers whose output the model never reads (safe to skip); none by default."""
         return []

@@ -92,6 +92,70 @@ class QwenVLAdapter(ModelAdapter):
             kw["mm_token_type_ids"] = inputs["mm_token_type_ids"]
         return self.core.get_rope_index(inputs["input_ids"], attention_mask=attention_mask, **kw)
 
+    @property
+    def num_deepstack(self) -> int:
+        """Qwen3-VL: how many LLM layers get DeepStack features (one per ``deepstack_visual_indexes`` entry)."""
+        return len(getattr(self.vision_config, "deepstack_visual_indexes", None) or [])
+
+    def install_llm_extras(self, hooks, ctx) -> None:
+        """Qwen3-VL DeepStack under sequence rewriting. HF adds ``deepstack_visual_embeds[i]`` (features of an
+        intermediate ViT layer, one row per visual token of the input) to the output of LLM layer ``i`` at the rows
+        ``visual_pos_masks`` marks, both at the input's length. Once a pruner drops rows (before the LLM, or at a
+        layer <= the last DeepStack layer), those no longer line up. So while a rewriter is active, vtoolkit does the
+        same addition itself: a language-model pre-hook takes both inputs away from HF, and a pre-hook on layer
+        ``i + 1`` (the final norm after the last layer) adds to each row that holds visual token ``t`` of the input
+        (``ctx.layout`` at layer ``i`` says which) the row ``t`` of ``deepstack_visual_embeds[i]``: dropped tokens'
+        features are dropped in every DeepStack tensor; with nothing dropped this is HF's computation exactly."""
+        n = self.num_deepstack
+        if not n or getattr(ctx, "_deepstack_installed", False):
+            return
+        ctx._deepstack_installed = True
+        from vtoolkit.hooks.sidestream import in_side_stream
+
+        state = {"embeds": None, "mask": None}
+        model = self.model
+
+        def take(module, args, kwargs):
+            if in_side_stream(model):
+                return None
+            embeds = kwargs.get("deepstack_visual_embeds")
+            state["embeds"], state["mask"] = embeds, kwargs.get("visual_pos_masks")
+            if embeds is None:
+                return None
+            return args, dict(kwargs, deepstack_visual_embeds=None, visual_pos_masks=None)
+
+        def add(i):
+            def hook(module, args, kwargs):
+                embeds, mask = state["embeds"], state["mask"]
+                if embeds is None or i >= len(embeds) or in_side_stream(model):
+                    return None
+                hidden = args[0] if args else kwargs["hidden_states"]
+                mask = mask.to(hidden.device)
+                B, L = mask.shape
+                rank = (mask.flatten().long().cumsum(0) - 1).view(B, L)   # row of each visual token in embeds
+                lay = ctx.layout.at(i)
+                if lay is None:
+                    src = torch.arange(L, device=hidden.device).expand(B, L)
+                    valid = torch.ones(B, L, dtype=torch.bool, device=hidden.device)
+                else:
+                    src, valid = lay[0].to(hidden.device), lay[1].to(hidden.device)
+                if src.shape != hidden.shape[:2]:
+                    raise RuntimeError(f"DeepStack: layer {i} holds {tuple(hidden.shape[:2])} rows but the layout "
+                                       f"says {tuple(src.shape)}")
+                vis = torch.gather(mask, 1, src) & valid
+                rows = torch.gather(rank, 1, src)[vis]
+                hidden = hidden.clone()
+                hidden[vis] = hidden[vis] + embeds[i].to(hidden.device, hidden.dtype)[rows]
+                if args:
+                    return (hidden, *args[1:]), kwargs
+                return args, dict(kwargs, hidden_states=hidden)
+            return hook
+
+        hooks.forward_pre(self.language_model, take, with_kwargs=True, prepend=True)
+        for i in range(n):
+            nxt = self.decoder_layers[i + 1] if i + 1 < self.num_layers else self.language_model.norm
+            hooks.forward_pre(nxt, add(i), with_kwargs=True, prepend=True)
+
     def format_prompt(self, processor, question: str, num_images: int = 1) -> str:
         content = [{"type": "image"}] * num_images + [{"type": "text", "text": question}]
         return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)

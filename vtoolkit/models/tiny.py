@@ -1,12 +1,16 @@
 """Offline tiny random models for tests, examples and the demo.
 
-``build(arch, seed=0)`` returns ``(model, processor)`` for ``llava``, ``llava_next``, ``qwen2_vl``, ``qwen2_5_vl`` (and
-``qwen3_vl``), built from configs with a locally trained byte-level BPE tokenizer and a local image processor: no
+``build(arch, seed=0)`` returns ``(model, processor)`` for ``llava``, ``llava_next``, ``qwen2_vl``, ``qwen2_5_vl``,
+``qwen3_vl``, ``llava_onevision`` and ``internvl``, built from configs with a locally trained byte-level BPE tokenizer and a local image processor: no
 network, no weights on disk, deterministic for a seed.
 
 The models are small but keep the structure that methods depend on: a CLIP tower with a CLS token and several layers
 (features from layer -2, as LLaVA), LLaVA-NeXT anyres crops with ``image_newline``, Qwen ViTs with 2x2 patch merging
-(Qwen2.5-VL with window attention and one full-attention block), GQA in the Qwen LLMs, and >= 4 LLM layers.
+(Qwen2.5-VL with window attention and one full-attention block; Qwen3-VL with DeepStack features of two ViT layers
+added after the first two LLM layers and interleaved M-RoPE), LLaVA-OneVision (SigLIP without CLS, features of the
+last layer, anyres-max tiling with unpadding and ``image_newline``, a Qwen2 LLM), InternVL (InternViT with a CLS token,
+dynamic tiles plus a thumbnail, 2x2 pixel shuffle -> one token, ``<img><IMG_CONTEXT>...</img>``, a Qwen2 LLM), GQA in
+the Qwen LLMs, and >= 4 LLM layers.
 
 Weights use a larger initializer range than HF's default (0.02) so that random logits are well separated: greedy
 decoding of a near-uniform distribution would turn float round-off into token flips and make equivalence tests flaky.
@@ -19,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-ARCHS = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+ARCHS = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision", "internvl")
 
 _TRAIN_TEXTS = [
     "USER: <image>\nIs there a dog in the image? Answer the question using a single word or phrase. ASSISTANT: Yes",
@@ -206,7 +210,8 @@ def _build_qwen(arch: str, s: TinySpec):
                                                          "mrope_interleaved": True, "rope_theta": 5e6})
         vision = dict(depth=s.vision_layers, hidden_size=s.vision_hidden, intermediate_size=s.vision_hidden * 2,
                       num_heads=s.vision_heads, patch_size=patch, spatial_merge_size=2, temporal_patch_size=2,
-                      out_hidden_size=s.text_hidden, num_position_embeddings=576, deepstack_visual_indexes=[0],
+                      out_hidden_size=s.text_hidden, num_position_embeddings=576,
+                      deepstack_visual_indexes=list(range(min(2, s.vision_layers))),
                       initializer_range=s.init_range)
     else:  # pragma: no cover - guarded by build()
         raise ValueError(arch)
@@ -216,6 +221,109 @@ def _build_qwen(arch: str, s: TinySpec):
                                   temporal_patch_size=2, merge_size=2)
     proc = _image_only(Proc)(image_processor=ip, tokenizer=tok, chat_template=QWEN_CHAT_TEMPLATE)
     return model, proc
+
+
+def _qwen2_text(s: TinySpec, tok) -> dict:
+    heads = s.text_heads
+    return dict(model_type="qwen2", vocab_size=len(tok), hidden_size=s.text_hidden, intermediate_size=s.intermediate,
+                num_hidden_layers=s.text_layers, num_attention_heads=heads,
+                num_key_value_heads=s.text_kv_heads or max(1, heads // 2), max_position_embeddings=32768,
+                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None,
+                initializer_range=s.init_range, tie_word_embeddings=False)
+
+
+ONEVISION_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}"
+    "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>\n"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+INTERNVL_CHAT_TEMPLATE = ONEVISION_CHAT_TEMPLATE.replace("<image>\n", "<IMG_CONTEXT>\n")
+
+
+def _build_llava_onevision(s: TinySpec):
+    """SigLIP (no CLS, features of the last layer, ``vision_feature_select_strategy="full"``), anyres-max tiling over
+    pinpoints of 1x1 .. 2x2 base crops, unpadding and ``image_newline``, a Qwen2 LLM: as llava-onevision-qwen2."""
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionImageProcessorPil,
+        LlavaOnevisionProcessor,
+        SiglipVisionConfig,
+    )
+
+    specials = ["<|im_start|>", "<|im_end|>", "<image>", "<video>"]
+    tok = build_tokenizer(specials, bos=None, eos="<|im_end|>", pad="<|endoftext|>", add_bos=False)
+    n = s.image_size
+    patch = 2 * s.patch      # 4 x 4 patches per crop: the tiled, unpadded sequences stay short (suite time)
+    pinpoints = [[n, n], [n, 2 * n], [2 * n, n], [2 * n, 2 * n]]
+    vision = SiglipVisionConfig(hidden_size=s.vision_hidden, intermediate_size=s.vision_hidden * 4,
+                                num_hidden_layers=s.vision_layers, num_attention_heads=s.vision_heads,
+                                image_size=n, patch_size=patch, vision_use_head=False)
+    cfg = LlavaOnevisionConfig(vision_config=vision, text_config=_qwen2_text(s, tok),
+                               image_token_index=tok.convert_tokens_to_ids("<image>"),
+                               video_token_index=tok.convert_tokens_to_ids("<video>"),
+                               vision_feature_layer=-1, vision_feature_select_strategy="full",
+                               image_grid_pinpoints=pinpoints, vision_aspect_ratio="anyres_max_9")
+    cfg.initializer_range = s.init_range
+    cfg.text_config.initializer_range = s.init_range
+    model = LlavaOnevisionForConditionalGeneration(cfg)
+    _reinit(model, s.init_range)
+    ip = LlavaOnevisionImageProcessorPil(size={"height": n, "width": n}, image_grid_pinpoints=pinpoints,
+                                         image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    proc = _image_only(LlavaOnevisionProcessor)(image_processor=ip, tokenizer=tok,
+                                                num_image_tokens=(n // patch) ** 2,
+                                                vision_feature_select_strategy="full",
+                                                vision_aspect_ratio="anyres_max_9",
+                                                chat_template=ONEVISION_CHAT_TEMPLATE)
+    return model, proc
+
+
+def _build_internvl(s: TinySpec):
+    """InternViT (CLS token; features of the last layer without it), dynamic tiles of ``image_size`` px (448 in
+    InternVL3, 112 here) plus a thumbnail, pixel shuffle 2x2 -> 1 token (``downsample_ratio=0.5``), an MLP projector,
+    ``<img><IMG_CONTEXT>*n</img>`` placeholders and a Qwen2 LLM: as InternVL3-1B-hf."""
+    from tokenizers import Tokenizer
+    from transformers import (
+        GotOcr2ImageProcessorPil,
+        InternVLConfig,
+        InternVLForConditionalGeneration,
+        InternVLProcessor,
+        InternVLVisionConfig,
+        PreTrainedTokenizerFast,
+    )
+
+    specials = ["<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>"]
+    tok_obj = Tokenizer.from_str(_tokenizer_json(tuple(specials), None, "<|im_end|>", "<|endoftext|>", False))
+    tok = PreTrainedTokenizerFast(tokenizer_object=tok_obj, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                  extra_special_tokens={"start_image_token": "<img>", "end_image_token": "</img>",
+                                                        "context_image_token": "<IMG_CONTEXT>",
+                                                        "video_token": "<video>"})
+    n = s.image_size
+    vision = InternVLVisionConfig(hidden_size=s.vision_hidden, intermediate_size=s.vision_hidden * 4,
+                                  num_hidden_layers=s.vision_layers, num_attention_heads=s.vision_heads,
+                                  image_size=[n, n], patch_size=[s.patch, s.patch], initializer_range=s.init_range,
+                                  use_mean_pooling=False)
+    seq = (n // s.patch) ** 2 // 4
+    cfg = InternVLConfig(vision_config=vision, text_config=_qwen2_text(s, tok),
+                         image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"), image_seq_length=seq,
+                         downsample_ratio=0.5, vision_feature_layer=-1, vision_feature_select_strategy="default",
+                         tie_word_embeddings=False)
+    model = InternVLForConditionalGeneration(cfg)
+    _reinit(model, s.init_range)
+    ip = GotOcr2ImageProcessorPil(size={"height": n, "width": n}, crop_to_patches=True, min_patches=1,
+                                  max_patches=4, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+    proc = _image_only(InternVLProcessor)(image_processor=ip, tokenizer=tok, image_seq_length=seq,
+                                          chat_template=INTERNVL_CHAT_TEMPLATE)
+    return model, proc
+
+
+def _reinit(model, std: float) -> None:
+    """Normal(0, std) weights for every Linear / Embedding (HF's init uses each sub-config's own 0.02)."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (torch.nn.Linear, torch.nn.Embedding)):
+                m.weight.normal_(0.0, std)
 
 
 def build(arch: str = "llava", seed: int = 0, spec: TinySpec | None = None, dtype: torch.dtype = torch.float32):
@@ -238,6 +346,10 @@ def build(arch: str = "llava", seed: int = 0, spec: TinySpec | None = None, dtyp
             model, proc = _build_llava(s)
         elif arch == "llava_next":
             model, proc = _build_llava_next(s)
+        elif arch == "llava_onevision":
+            model, proc = _build_llava_onevision(s)
+        elif arch == "internvl":
+            model, proc = _build_internvl(s)
         else:
             model, proc = _build_qwen(arch, s)
     finally:
@@ -245,6 +357,31 @@ def build(arch: str = "llava", seed: int = 0, spec: TinySpec | None = None, dtyp
     proc.tokenizer.padding_side = "left"
     model = model.to(dtype).eval()
     return model, proc
+
+
+_VIDEO_PROCESSORS = {"qwen2_vl": "Qwen2VLVideoProcessor", "qwen2_5_vl": "Qwen2VLVideoProcessor",
+                     "qwen3_vl": "Qwen3VLVideoProcessor", "llava_onevision": "LlavaOnevisionVideoProcessor",
+                     "internvl": "InternVLVideoProcessor"}
+
+
+def save_checkpoint(arch: str, path, seed: int = 0) -> None:
+    """Write a tiny model as a checkpoint folder laid out like a hub one: ``save_pretrained`` of the model and of the
+    family's stock processor class (with its video processor, which needs torchvision), so that
+    ``AutoModelForImageTextToText`` / ``AutoProcessor.from_pretrained(path)`` - the code path of a real checkpoint,
+    ``vtoolkit eval --model PATH`` - load it offline. (``build`` returns an image-only processor subclass that
+    ``AutoProcessor`` could not resolve by name.)"""
+    import transformers
+
+    model, proc = build(arch, seed=seed)
+    if arch in _VIDEO_PROCESSORS:
+        stock = type(proc).__mro__[1]
+        kw = {k: getattr(proc, k) for k in ("num_image_tokens", "vision_feature_select_strategy",
+                                            "vision_aspect_ratio", "image_seq_length") if hasattr(proc, k)}
+        video = getattr(transformers, _VIDEO_PROCESSORS[arch])()
+        proc = stock(image_processor=proc.image_processor, tokenizer=proc.tokenizer, video_processor=video,
+                     chat_template=proc.chat_template, **kw)
+    model.save_pretrained(path)
+    proc.save_pretrained(path)
 
 
 def demo_image(seed: int = 0, size: tuple[int, int] = (160, 120)):
