@@ -154,3 +154,20 @@ def machine_load() -> float | None:
         return os.getloadavg()[0] / (os.cpu_count() or 1)
     except (OSError, AttributeError):
         return None
+
+
+# the verdicts (torch-free, so the CLI can import them cheaply)
+from vtoolkit.bench.verdict import (  # noqa: E402,F401
+    EXIT_UNSTABLE,
+    SPREAD_LIMIT,
+    judge,
+    load_average,
+    load_note,
+    ratio_cell,
+    spread,
+)
+
+
+def cores_used() -> int:
+    """CPU cores this process computes on: torch's intra-op threads, at most the machine's cores."""
+    return max(1, min(torch.get_num_threads(), os.cpu_count() or 1))
