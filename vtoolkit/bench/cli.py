@@ -35,14 +35,7 @@ def row_label(r: dict, rows: list[dict]) -> str:
     """``baseline``, ``method k=v ...``, or ``oracle of <method row>``."""
     if r.get("oracle_of") is not None:
         return "  oracle (stock model, same tokens)"
-    skip = {"method", "batch_size", "prompt_tokens"}
-    opts = []
-    for k, v in r.items():
-        if k in skip:
-            continue
-        if k == "llm_tokens":
-            break
-        opts.append(f"{k}={v}")
+    opts = [f"{k}={v}" for k, v in (r.get("options") or {}).items()]
     return " ".join([r["method"]] + opts)
 
 

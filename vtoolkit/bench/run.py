@@ -238,7 +238,7 @@ def _rows(model, batch, shape, specs, first, lats, B, device, dtype) -> list[dic
         # methods that skip vision layers nobody reads (FasterVLM) report how many ran
         row_shape = dataclasses.replace(shape, vision_layers=stats.get("vision_layers_run", shape.vision_layers))
         rows.append({
-            "method": name, **overrides, "batch_size": B, "prompt_tokens": c["full_len"],
+            "method": name, **overrides, "options": dict(overrides), "batch_size": B, "prompt_tokens": c["full_len"],
             **({"oracle_of": kind[1]} if kind != "method" else {}),
             "llm_tokens": c["kept_len"] if c["from_layer"] == 0 else c["full_len"],
             "llm_tokens_after_pruning": c["kept_len"], "pruned_from_layer": c["from_layer"],

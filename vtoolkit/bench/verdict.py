@@ -59,7 +59,10 @@ def judge(ratios, times=(), limit: float = SPREAD_LIMIT) -> dict:
     ratios, times = list(ratios), list(times)
     if not ratios:
         return {"value": None, "spread": float("nan"), "status": "missing", "note": None}
-    bad = [x for x in ratios + times if x is None or not math.isfinite(x) or x <= 0]
+    def nonpositive(xs):
+        return [x for x in xs if x is None or not math.isfinite(x) or x <= 0]
+
+    bad = nonpositive(times) or nonpositive(ratios)     # name the time itself where a time is the culprit
     if bad:
         finite = [x for x in bad if x is not None and math.isfinite(x)]
         return {"value": None, "spread": float("nan"), "status": "negative",
