@@ -16,11 +16,14 @@ callable that :func:`vtoolkit.bench.run.run_bench` times exactly as it times the
   final norm and the LM head on the last position (no cache is kept: the decode cells stay empty);
 - ``vcd``: stock ``generate`` over the 2B rows (each prompt twice; the second copy's pixels are the same tensor as the
   noise does not change the cost), so the contrast forward and decode steps are batched as VCD batches them;
-- ``vhr``: prefill only -- stock ``generate(max_new_tokens=1)`` over the main rows and their text-only rows (every
-  visual token removed, left-padded) batched; VHR's decode steps run the main rows only, so the baseline's decode is
-  its limit;
+- ``vhr``: prefill only -- one stock forward over the text-only rows (every visual token removed, left-padded among
+  themselves), then stock ``generate(max_new_tokens=1)`` over the main rows. Not one batch padded to the prompt's
+  length: that would charge the ~50 text-only positions as many as the ~600 of the prompt, far above what VHR's side
+  stream computes (its own short rows). VHR's decode steps run the main rows only: the baseline's decode is its limit;
 - ``damro``: stock ``generate`` over the main rows and the short contrast prompts (the text with only the outlier
-  tokens, left-padded) batched.
+  tokens, left-padded to the prompt's length) batched, as the issue defines it -- an upper limit for the prefill
+  (the padded contrast rows cost as much as the main rows; DAMRO's own contrast prefill is short), a fair one for the
+  decode steps (both streams, one batch).
 
 LLaVA (the bench shapes) only: other architectures raise ``NotImplementedError`` (the bench builds LLaVA models).
 """
@@ -160,9 +163,8 @@ def build(model, batch, method: str, stats: dict) -> tuple:
             with torch.inference_mode():
                 emb = merged_embeds(model, batch)
                 t, tm = left_pad([emb[b, text[b]] for b in range(emb.shape[0])])
-                t = torch.cat([t.new_zeros(t.shape[0], emb.shape[1] - t.shape[1], t.shape[2]), t], 1)
-                tm = torch.cat([tm.new_zeros(tm.shape[0], emb.shape[1] - tm.shape[1]), tm], 1)
-            _generate(model, n, inputs_embeds=torch.cat([emb, t]), attention_mask=torch.cat([main_mask, tm]))
+                model(inputs_embeds=t, attention_mask=tm, use_cache=False, logits_to_keep=1)
+            _generate(model, n, inputs_embeds=emb, attention_mask=main_mask)
 
         return gen, False
     # damro: the contrast prompt keeps the text and only the outlier tokens
