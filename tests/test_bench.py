@@ -183,6 +183,23 @@ def test_oracle_equals_the_method_on_tiny_shape():
         got = O.midstack_forward(model, O.merged_embeds(model, batch), stats["layer"], keep_idx)[:, -1]
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(got, ref, atol=1e-3)                      # pruning changed the logits
+    with torch.no_grad():
+        with vt.apply_method(model, "dyvte", exit_layer=1) as h:       # every visual token gone after layer 1
+            want = model(**batch).logits[:, -1]
+            stats = h.stats
+        gen, decodes = O.build(model, batch, "dyvte", stats)
+        keep_idx = torch.stack(O.kept_positions(model, batch, stats))
+        assert not decodes and keep_idx.shape[1] == batch["input_ids"].shape[1] - 64
+        got = O.midstack_forward(model, O.merged_embeds(model, batch), stats["layer"], keep_idx)[:, -1]
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        gen(1)
+        for name in ("vcd", "vhr", "damro"):                           # the mitigation oracles run
+            with vt.apply_method(model, name) as h:
+                model.generate(**batch, max_new_tokens=1)
+                stats = h.stats
+            gen, decodes = O.build(model, batch, name, stats)
+            gen(1)
+            assert decodes == (name != "vhr")
 
 
 def test_llava7b_shape_dims_without_weights_and_refused_on_cpu():
