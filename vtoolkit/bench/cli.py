@@ -85,6 +85,9 @@ def bench(shape: str = typer.Option("midsize", help="midsize (CLIP-L/336 + 16x20
                                                          "up to this many in all (0: 2 x --repeats)"),
           spread_limit: float = typer.Option(SPREAD_LIMIT, min=0.0, help="largest accepted (max - min) / median "
                                                                          "of a cell's per-round ratios"),
+          clock: str = typer.Option("wall", help="wall: elapsed time; cpu: this process's CPU seconds (on a "
+                                                 "machine other jobs load; use with --threads 1)"),
+          threads: int = typer.Option(0, min=0, help="torch intra-op threads (0: torch's default)"),
           oracle: bool = typer.Option(True, "--oracle/--no-oracle", help="oracle row after each pruner / "
                                                                           "mitigation setting"),
           prompt_tokens: int = typer.Option(0, min=0, help="lengthen the question to at least this many prompt "
@@ -109,6 +112,10 @@ def bench(shape: str = typer.Option("midsize", help="midsize (CLIP-L/336 + 16x20
 
     if shape not in SHAPES:
         raise ConfigError(f"--shape must be one of {', '.join(SHAPES)}, got {shape!r}")
+    if clock not in ("wall", "cpu"):
+        raise ConfigError(f"--clock must be wall or cpu, got {clock!r}")
+    if threads:
+        torch.set_num_threads(threads)
     if shape == "llava7b" and not torch.cuda.is_available():
         raise ConfigError("--shape llava7b builds LLaVA-1.5-7B dims (7B random weights, ~14 GB in bf16) and runs only "
                           "on a CUDA GPU; this machine has none (use --shape midsize on a CPU)")
@@ -152,13 +159,13 @@ def bench(shape: str = typer.Option("midsize", help="midsize (CLIP-L/336 + 16x20
     console.log(f"built the {shape} model in {time.perf_counter() - t0:.1f} s")
     rows = run_bench(model, proc, settings, batch_size=batch_size,
                      prompt_tokens=prompt_tokens or None, decode_tokens=decode_tokens, repeats=repeats,
-                     max_repeats=max_repeats or 2 * repeats, oracles=oracle, spread_limit=spread_limit,
+                     max_repeats=max_repeats or 2 * repeats, oracles=oracle, spread_limit=spread_limit, clock=clock,
                      progress=lambda s: console.log(f"measuring {s}"))
     b = rows[0]
     loads = [r["load_avg"] for r in rows if r.get("load_avg") is not None]
     load = f", load {max(loads):.1f} on {b['cores']} cores" if loads else ""
     title = (f"{method} on {shape} ({b['dtype']}, {b['device']}, batch {b['batch_size']}, "
-             f"{b['prompt_tokens']} prompt tokens, {b['rounds']} rounds{load})")
+             f"{b['prompt_tokens']} prompt tokens, {b['rounds']} rounds, {clock} clock{load})")
     print_table(result_table(rows, title, decode_tokens, spread_limit))
     note = load_note(max(loads) if loads else None, b["cores"])
     if note:

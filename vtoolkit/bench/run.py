@@ -78,12 +78,12 @@ def _jsonable(obj):
     return obj
 
 
-def _latency_round(gen, decode_tokens: int, device) -> dict:
+def _latency_round(gen, decode_tokens: int, device, clock: str = "wall") -> dict:
     """One paired measurement: ``gen(1)`` (prefill) then ``gen(1 + decode_tokens)``; decode per token =
     ``(t(1 + n) - t(1)) / n`` (not clamped: a non-positive value says noise exceeded the decode cost)."""
-    t1 = time_once(lambda: gen(1), device)
+    t1 = time_once(lambda: gen(1), device, clock)
     if decode_tokens > 0:
-        tn = time_once(lambda: gen(1 + decode_tokens), device)
+        tn = time_once(lambda: gen(1 + decode_tokens), device, clock)
         return {"prefill_runs": [t1], "decode_runs": [(tn - t1) / decode_tokens], "generate_runs": [tn]}
     return {"prefill_runs": [t1], "decode_runs": [], "generate_runs": [t1]}
 
@@ -124,7 +124,7 @@ def judge_rows(rows: list[dict], limit: float = SPREAD_LIMIT) -> list[dict]:
 
 def run_bench(model, processor, methods, batch_size: int = 1, prompt_tokens: int | None = None,
               decode_tokens: int = 8, repeats: int = 3, progress=None, warmup: int = 1, max_repeats: int | None = None,
-              oracles: bool = True, spread_limit: float = SPREAD_LIMIT) -> list[dict]:
+              oracles: bool = True, spread_limit: float = SPREAD_LIMIT, clock: str = "wall") -> list[dict]:
     """Benchmark ``methods`` (a list of ``(name, overrides)``) against the untouched model.
 
     Returns one row per setting; row 0 is the baseline (no method), measured in this process on the same batch, in
@@ -141,6 +141,7 @@ def run_bench(model, processor, methods, batch_size: int = 1, prompt_tokens: int
     ``decode_ratio_paired``, ``analytic_prefill_ratio`` (the FLOPs bound on the prefill speed-up), ``mem_ratio``,
     ``generate_s`` / ``generate_ratio_paired`` (end-to-end generate of 1 + decode_tokens tokens, paired per round like
     the prefill), the ``*_judged`` verdicts and ``measured`` (:func:`judge_rows`), ``load_avg`` / ``cores``.
+    ``clock``: ``"wall"`` or ``"cpu"`` (this process's CPU seconds, see :class:`vtoolkit.bench.measure._Timer`).
     """
     import vtoolkit as vt
     from vtoolkit.bench import oracle as O
@@ -182,7 +183,7 @@ def run_bench(model, processor, methods, batch_size: int = 1, prompt_tokens: int
                 if rnd == 0:
                     for _ in range(warmup):
                         gen(1 + decode_tokens if decodes else 1)
-                lat = _latency_round(gen, decode_tokens if decodes else 0, dev)
+                lat = _latency_round(gen, decode_tokens if decodes else 0, dev, clock)
                 if not decodes:
                     lat["generate_runs"] = []
             else:
@@ -191,7 +192,7 @@ def run_bench(model, processor, methods, batch_size: int = 1, prompt_tokens: int
                     if rnd == 0:
                         for _ in range(warmup):
                             stock(1 + decode_tokens)
-                    lat = _latency_round(stock, decode_tokens, dev)
+                    lat = _latency_round(stock, decode_tokens, dev, clock)
                     stats = handle.stats if handle is not None else {}
                 finally:
                     if handle is not None:
@@ -211,7 +212,7 @@ def run_bench(model, processor, methods, batch_size: int = 1, prompt_tokens: int
         rounds += 1
         if rounds < repeats:
             continue
-        rows = _rows(model, batch, shape, specs, first, lats, B, device, dtype)
+        rows = _rows(model, batch, shape, specs, first, lats, B, device, dtype, clock)
         judge_rows(rows, spread_limit)
         if all(r["measured"] for r in rows) or rounds >= max_repeats:
             break
@@ -222,7 +223,7 @@ def run_bench(model, processor, methods, batch_size: int = 1, prompt_tokens: int
     return rows
 
 
-def _rows(model, batch, shape, specs, first, lats, B, device, dtype) -> list[dict]:
+def _rows(model, batch, shape, specs, first, lats, B, device, dtype, clock="wall") -> list[dict]:
     rows = []
     for (name, overrides, kind), (before, resettable, peak, stats, load), runs in zip(specs, first, lats):
         lat = {"prefill_s": statistics.median(runs["prefill_runs"]),
@@ -250,7 +251,7 @@ def _rows(model, batch, shape, specs, first, lats, B, device, dtype) -> list[dic
             "flops_prefill": B * F.prefill_flops(row_shape, c["full_len"], **kw),
             "flops_decode_per_token": B * F.decode_flops(shape, c["full_len"], **ckw),
             "device": device, "dtype": dtype, "load_per_core": machine_load(), "load_avg": load,
-            "cores": cores_used(),
+            "cores": cores_used(), "clock": clock,
             "method_stats": _jsonable(stats) if kind == "method" else {},
         })
     base = rows[0]
