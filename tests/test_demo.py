@@ -110,6 +110,11 @@ def test_latency_cells_from_synthetic_timings():
     cells = [line.split(" | ")[-2] for line in table.strip().splitlines()[2:]]
     assert cells == ["1.00", "0.45", "machine loaded (load 5.0 on 2 cores)", "unstable (spread 0.67)"]
     assert [r["latency_ratio"] for r in out] == [1.0, 0.45, None, None]
+    from vtoolkit.demo import latency_summary
+
+    summary = latency_summary(out, {r["setting"]: r["_timing"] for r in rows if "_timing" in r})
+    assert summary["measured"] == 1 and set(summary["not_measured"]) == {"b", "c"}
+    assert "measured 1 of 3 settings" in summary["text"] and "c: unstable (spread 0.67)" in summary["text"]
 
 
 def test_paired_timing_interleaves_baseline_and_setting():
