@@ -2,7 +2,9 @@
 
 Each setting is applied with the public API (``vt.apply_method(model, name, **overrides)``, removed afterwards), and
 measured through the stock ``model.generate`` (see :mod:`vtoolkit.bench.measure`). Ratios are to the baseline row,
-which is always measured first, on the same model and batch.
+which is always measured first, on the same model and batch, paired per round; :func:`judge_rows` decides which
+ratios are measurements (:mod:`vtoolkit.bench.verdict`). Oracle rows (:mod:`vtoolkit.bench.oracle`) time the stock
+model on the sequence a method computed, so ``overhead = method / oracle - 1`` is the cost of the mechanics.
 """
 from __future__ import annotations
 
