@@ -33,6 +33,8 @@ def test_demo_cli_quick_fresh_process_without_nltk_data(tmp_path):
     assert len(rows) == len(summary["settings"]) >= 8
     assert rows[0].startswith("| baseline | 64.0 |")
     assert any(r.startswith("| fastervlm keep_ratio=0.05 | 3.0 |") for r in rows)
+    assert all(r.endswith("| not timed (--quick) |  |") for r in rows[1:] if "n/a" not in r)   # no paired timing
+    assert "latency x base: not timed (--quick)" in proc.stdout
     import pandas as pd
 
     df = pd.read_csv(out / "table.csv")

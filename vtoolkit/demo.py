@@ -18,7 +18,8 @@ it never disappears silently. A method listed in :data:`NOT_APPLICABLE` (VAR: th
 massive-activation dims) is not run; its row says why.
 
 The latency column is paired, as ``vtoolkit bench`` pairs (:func:`paired_timing`): after the evaluations, each
-setting runs :data:`TIMING_ROUNDS` rounds (``--quick``: 2 rounds of 2 prompts) of one baseline batch then one batch with the setting applied (the same
+setting runs :data:`TIMING_ROUNDS` rounds (``--quick``: none, its cells say ``not timed (--quick)``) of one baseline
+batch then one batch with the setting applied (the same
 ``batch_size`` POPE-style prompts, :data:`TIMING_NEW_TOKENS` new tokens forced, so both do the same work); the cell
 is the median of the per-round ratios. It is not printed as a measurement (:func:`latency_cell`, rules in
 :mod:`vtoolkit.bench.verdict`) when the machine was loaded while that setting was timed (1-minute load average above
@@ -166,6 +167,8 @@ def latency_cell(timing: Mapping) -> tuple[float | None, str | None]:
     comes first (its ratios are not evidence), then :func:`vtoolkit.bench.verdict.judge`."""
     from vtoolkit.bench.verdict import judge, load_note
 
+    if timing.get("skipped"):
+        return None, timing["skipped"]
     note = load_note(timing.get("load"), int(timing.get("cores") or 1))
     if note:
         return None, note
@@ -237,10 +240,14 @@ def latency_summary(table_rows: Sequence[Mapping], timings: Mapping) -> dict:
     """What the latency column measured: ``{"rule", "measured", "not_measured": {setting: why}, "text"}``."""
     timed = [r for r in table_rows if r["setting"] in timings]
     bad = {r["setting"]: r["latency_note"] for r in timed if r.get("latency_ratio") is None}
-    rounds = max((len(t["ratios"]) for t in timings.values()), default=TIMING_ROUNDS)
+    rounds = max((len(t.get("ratios") or []) for t in timings.values()), default=TIMING_ROUNDS) or TIMING_ROUNDS
     rule = (f"latency x base: median over {rounds} paired rounds (baseline batch, setting batch) of the time "
             f"ratio; not a measurement when the machine was loaded (load average > cores used + 0.5) or the "
             f"rounds spread by more than 0.25 ((max - min) / median)")
+    skipped = {r["setting"] for r in timed if timings[r["setting"]].get("skipped")}
+    if timed and len(skipped) == len(timed):
+        text = f"latency x base: {timings[next(iter(skipped))]['skipped']}"
+        return {"rule": rule, "measured": 0, "not_measured": bad, "text": text}
     text = f"{rule}; measured {len(timed) - len(bad)} of {len(timed)} settings"
     if bad:
         text += "; not measured: " + "; ".join(f"{k}: {v}" for k, v in bad.items())
@@ -263,8 +270,10 @@ def _warm_up(model, processor, batch_size: int) -> None:
 
 
 def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, batch_size: int = 16, progress: bool = True,
-             settings: Sequence[tuple[str, dict]] | None = None, echo=print) -> dict:
-    """Run the demo into ``out``; returns ``{"ok", "table", "rows", "report", "seconds", "out"}``."""
+             settings: Sequence[tuple[str, dict]] | None = None, echo=print, timing_rounds: int | None = None) -> dict:
+    """Run the demo into ``out``; returns ``{"ok", "table", "rows", "report", "seconds", "out"}``.
+    ``timing_rounds``: paired rounds per setting for the latency column (default :data:`TIMING_ROUNDS`; ``quick``:
+    0, the cells say "not timed (--quick)")."""
     import pandas as pd
     from tqdm.auto import tqdm
 
@@ -303,9 +312,12 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, batch_size: 
         rows.append(_row(method, options, kind, metrics, error))
     bar.close()
     ran = [(m, o) for (m, o), r in zip(settings, rows) if r.get("error") is None and m not in NOT_APPLICABLE]
-    # --quick is a smoke test: 2 rounds of 2 prompts (its cells are rarely measurements; the rule still applies)
-    timings = paired_timing(*model_and_processor, ran, min(batch_size, 2) if quick else batch_size,
-                            rounds=2 if quick else TIMING_ROUNDS)
+    rounds = (0 if quick else TIMING_ROUNDS) if timing_rounds is None else timing_rounds
+    if rounds:
+        timings = paired_timing(*model_and_processor, ran, batch_size, rounds=rounds)
+    else:   # --quick is a smoke test of the pipeline: its latency cells say that nothing was timed
+        timings = {_label(m, o): {"skipped": "not timed (--quick)" if quick else "not timed"} for m, o in ran
+                   if m != "none"}
     for r in rows:
         if r["setting"] in timings:
             r["_timing"] = timings[r["setting"]]
