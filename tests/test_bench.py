@@ -28,7 +28,7 @@ def fake_clock(monkeypatch):
 
     state = {"n": 0, "clock": lambda i: 1.0 if i % 2 == 0 else 2.0}
 
-    def fake(fn, device=None):
+    def fake(fn, device=None, clock="wall"):
         fn()
         t = state["clock"](state["n"])
         state["n"] += 1
@@ -311,3 +311,17 @@ def test_bench_other_methods_and_option_errors(tmp_path, fake_clock):
     rows = json.loads(out.read_text())
     assert [r["method"] for r in rows] == ["baseline", "fastv", "oracle"] and rows[1]["ratio"] == 0.5
     assert rows[1]["visual_tokens"] == 32 and rows[1]["pruned_from_layer"] == 2
+
+
+def test_cpu_clock_counts_work_not_waiting():
+    import time
+
+    from typer.testing import CliRunner
+
+    from vtoolkit.bench.measure import time_once
+    from vtoolkit.cli import app
+
+    assert time_once(lambda: time.sleep(0.2)) >= 0.19                    # wall: the wait counts
+    assert time_once(lambda: time.sleep(0.2), clock="cpu") < 0.1          # CPU: a sleeping process does no work
+    res = CliRunner().invoke(app, ["bench", "--shape", "tiny", "--clock", "gpu"])
+    assert res.exit_code == 2 and "--clock must be wall or cpu" in res.output
