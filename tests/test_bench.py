@@ -1,6 +1,8 @@
 """Benchmark harness: analytic FLOPs by hand, and an end-to-end run on the tiny shape (no timing asserted)."""
 import json
 
+import pytest
+
 from vtoolkit.bench import flops as F
 
 
@@ -18,7 +20,25 @@ def test_prefill_ratio_for_llava_shape():
     assert F.decode_flops(s, 82) < F.decode_flops(s, 600)
 
 
-def test_tiny_bench_end_to_end(tmp_path):
+@pytest.fixture
+def fake_clock(monkeypatch):
+    """Deterministic timings for the bench (the real machine's load must not decide a test): every timed call runs,
+    then reports ``clock(n_calls)`` seconds; the default alternates 1 s (prefill) and 2 s (1 + n tokens)."""
+    import vtoolkit.bench.run as R
+
+    state = {"n": 0, "clock": lambda i: 1.0 if i % 2 == 0 else 2.0}
+
+    def fake(fn, device=None, clock="wall"):
+        fn()
+        t = state["clock"](state["n"])
+        state["n"] += 1
+        return t
+
+    monkeypatch.setattr(R, "time_once", fake)
+    return state
+
+
+def test_tiny_bench_end_to_end(tmp_path, fake_clock):
     from typer.testing import CliRunner
 
     from vtoolkit.cli import app
@@ -28,8 +48,10 @@ def test_tiny_bench_end_to_end(tmp_path):
                                    "--repeats", "1", "--batch-size", "2", "--out", str(out)])
     assert res.exit_code == 0, res.output
     rows = json.loads(out.read_text())
-    assert [r["method"] for r in rows] == ["baseline", "fastervlm", "fastervlm"]
+    assert [r["method"] for r in rows] == ["baseline", "fastervlm", "oracle", "fastervlm", "oracle"]
+    assert [r.get("oracle_of") for r in rows] == [None, None, 1, None, 3]
     assert rows[0]["prefill_ratio"] == 1.0 and rows[0]["visual_tokens"] == 64
+    rows = [rows[0], rows[1], rows[3]]
     assert [r["visual_tokens"] for r in rows[1:]] == [32, 6]
     assert [r["visual_tokens_per_sample"] for r in rows] == [[64, 64], [32, 32], [6, 6]]
     full = rows[0]["prompt_tokens"]
@@ -40,6 +62,168 @@ def test_tiny_bench_end_to_end(tmp_path):
     for r in rows:
         assert r["prefill_s"] > 0 and r["peak_mem_bytes"] > 0 and len(r["prefill_runs"]) == 1
         assert r["prefill_ratio"] == r["prefill_s"] / rows[0]["prefill_s"]
+
+
+def test_bench_unstable_rounds_rerun_then_exit_3(tmp_path, fake_clock):
+    """A cell whose per-round ratios disagree is rerun up to --max-repeats, then printed as unstable, rc 3."""
+    from typer.testing import CliRunner
+
+    from vtoolkit.bench.verdict import EXIT_UNSTABLE
+    from vtoolkit.cli import app
+
+    # calls per round: baseline (prefill, generate), fastervlm (prefill, generate); the method's prefill alternates
+    # 1 s / 2 s between rounds, so its paired prefill ratios are 1, 2, 1, 2: spread (2 - 1) / 1.5 = 0.67
+    def clock(i):
+        rnd, k = divmod(i, 4)
+        if k == 2:
+            return 1.0 + rnd % 2
+        return 1.0 if k % 2 == 0 else 3.0
+
+    fake_clock["clock"] = clock
+    out = tmp_path / "rows.json"
+    res = CliRunner().invoke(app, ["bench", "--shape", "tiny", "--keep-ratios", "0.5", "--decode-tokens", "1",
+                                   "--repeats", "2", "--max-repeats", "4", "--no-oracle", "--out", str(out)],
+                             terminal_width=400)
+    assert res.exit_code == EXIT_UNSTABLE == 3, res.output
+    rows = json.loads(out.read_text())
+    assert rows[0]["rounds"] == 4 and len(rows[1]["prefill_runs"]) == 4        # reran up to the limit
+    assert "unstable (spread 0.67)" in res.output and "not measured after 4 rounds" in res.output
+    assert "spread by more than 0.25" in res.output                             # the rule is printed
+    assert not rows[1]["measured"] and rows[0]["measured"]
+    assert rows[1]["prefill_judged"]["value"] is None
+
+
+def test_verdicts_on_synthetic_timings():
+    from vtoolkit.bench.verdict import judge, load_note, ratio_cell, spread
+
+    stable = judge([0.50, 0.52, 0.55], [1.0, 1.04, 1.1])
+    assert stable["status"] == "ok" and stable["value"] == 0.52 and ratio_cell(stable) == "0.520"
+    assert abs(spread([0.50, 0.52, 0.55]) - 0.05 / 0.52) < 1e-12
+    unstable = judge([0.5, 1.0, 1.4])
+    assert unstable["status"] == "unstable" and ratio_cell(unstable) == "unstable (spread 0.90)"
+    assert unstable["value"] is None
+    negative = judge([1.2, -0.4], [0.3, -0.63])
+    assert negative["status"] == "negative" and ratio_cell(negative) == "non-positive time (-0.63)"
+    assert judge([1.0, 1.3], limit=0.5)["status"] == "ok" and judge([1.0, 1.3], limit=0.2)["status"] == "unstable"
+    assert ratio_cell(judge([])) == "-"
+    assert load_note(2.4, 2) is None and load_note(None, 2) is None
+    assert load_note(3.2, 2) == "machine loaded (load 3.2 on 2 cores)"
+    assert load_note(1.6, 1) == "machine loaded (load 1.6 on 1 core)"
+
+
+def _row(prefill, decode, generate, **kw):
+    return {"method": "x", "prefill_runs": prefill, "decode_runs": decode, "generate_runs": generate,
+            "visual_tokens": 1, "llm_tokens_after_pruning": 1, "prefill_s": prefill[0], "analytic_prefill_ratio": 1,
+            "decode_s_per_token": decode[0] if decode else float("nan"), "analytic_decode_ratio": 1,
+            "generate_s": generate[0] if generate else float("nan"), "peak_mem_bytes": 1, "peak_mem_delta_bytes": 0,
+            **kw}
+
+
+def test_bench_table_cells_and_exit_status_from_synthetic_rows():
+    from rich.console import Console
+
+    from vtoolkit.bench.cli import exit_status, result_table
+    from vtoolkit.bench.run import judge_rows
+
+    rows = judge_rows([_row([2.0, 2.0, 2.0], [0.1, 0.1, 0.1], [2.8, 2.8, 2.8]),
+                       _row([1.0, 1.02, 1.04], [0.1, 0.1, 0.1], [1.8, 1.8, 1.8], options={"r": 1}),  # stable
+                       _row([1.0, 1.0, 1.0], [], [], oracle_of=1),                             # its oracle
+                       _row([1.0, 2.0, 1.5], [-0.63, 0.1, 0.1], [1.8, 2.8, 2.3], options={"r": 2})])  # unstable
+    assert [r["measured"] for r in rows] == [True, True, True, False]
+    assert rows[1]["prefill_judged"]["value"] == 0.51
+    assert abs(rows[2]["overhead"] - 0.02) < 1e-12                       # median of 1.0, 1.02, 1.04, minus 1
+    assert abs(rows[2]["overhead_of_base"] - 0.01) < 1e-12               # median of (m - o) / base: 0, .01, .02
+    assert exit_status(rows) == 3 and exit_status(rows[:3]) == 0
+    console = Console(width=400, record=True)
+    console.print(result_table(rows, "t", 8))
+    text = console.export_text()
+    lines = {ln.split("│")[1].strip(): [c.strip() for c in ln.split("│")[2:-1]] for ln in text.splitlines()
+             if ln.startswith("│")}
+    stable, oracle = lines["x r=1"], lines["oracle (stock model, same tokens)"]
+    assert stable[3] == "0.510" and stable[9] == "0.643"                   # prefill and end-to-end ratios
+    assert oracle[10] == "+2.0 % (+1.0 % of base)"
+    bad = lines["x r=2"]
+    assert bad[3] == "unstable (spread 0.67)" and bad[6] == "non-positive time (-0.63)"   # prefill, decode
+    assert bad[9] == "unstable (spread 0.43)" and "1.500" not in text                    # end to end
+
+
+def test_oracle_equals_the_method_on_tiny_shape():
+    """The oracle runs what the method computes: pre-LLM pruners give the same tokens from stock generate on the
+    kept embeddings; FastV's prefill logits equal the hand loop over stock layers on the kept hidden states."""
+    import torch
+
+    import vtoolkit as vt
+    from vtoolkit.bench import midsize
+    from vtoolkit.bench import oracle as O
+    from vtoolkit.bench.run import make_batch
+
+    model, proc = midsize.tiny_shape()
+    batch = make_batch(model, proc, 2)
+    gen = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    for name in ("fastervlm", "random"):
+        with torch.no_grad(), vt.apply_method(model, name, keep_ratio=0.1) as h:
+            want = model.generate(**batch, **gen)[:, batch["input_ids"].shape[1]:]
+            stats = h.stats
+        keep = O.kept_positions(model, batch, stats)
+        assert [k.numel() for k in keep] == [batch["input_ids"].shape[1] - 64 + 6] * 2
+        with torch.no_grad():
+            emb = O.merged_embeds(model, batch, stats.get("vision_layers_run"))
+            e, m = O.left_pad([emb[b, k] for b, k in enumerate(keep)])
+            got = model.generate(inputs_embeds=e, attention_mask=m, **gen)
+        assert torch.equal(got, want), name
+    with torch.no_grad():
+        ref = model(**batch).logits[:, -1]
+        full = O.midstack_forward(model, O.merged_embeds(model, batch), 2,
+                                  torch.arange(batch["input_ids"].shape[1]).expand(2, -1))[:, -1]
+        torch.testing.assert_close(full, ref, rtol=1e-4, atol=1e-4)   # the hand loop is the stock forward
+        with vt.apply_method(model, "fastv", keep_ratio=0.25) as h:
+            want = model(**batch).logits[:, -1]
+            stats = h.stats
+        keep_idx = torch.stack(O.kept_positions(model, batch, stats))
+        got = O.midstack_forward(model, O.merged_embeds(model, batch), stats["layer"], keep_idx)[:, -1]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(got, ref, atol=1e-3)                      # pruning changed the logits
+    with torch.no_grad():
+        with vt.apply_method(model, "dyvte", exit_layer=1) as h:       # every visual token gone after layer 1
+            want = model(**batch).logits[:, -1]
+            stats = h.stats
+        gen, decodes = O.build(model, batch, "dyvte", stats)
+        keep_idx = torch.stack(O.kept_positions(model, batch, stats))
+        assert not decodes and keep_idx.shape[1] == batch["input_ids"].shape[1] - 64
+        got = O.midstack_forward(model, O.merged_embeds(model, batch), stats["layer"], keep_idx)[:, -1]
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        gen(1)
+        for name in ("vcd", "vhr", "damro"):                           # the mitigation oracles run
+            with vt.apply_method(model, name) as h:
+                model.generate(**batch, max_new_tokens=1)
+                stats = h.stats
+            gen, decodes = O.build(model, batch, name, stats)
+            gen(1)
+            assert decodes == (name != "vhr")
+
+
+def test_llava7b_shape_dims_without_weights_and_refused_on_cpu():
+    import torch
+    from transformers import LlavaForConditionalGeneration
+    from typer.testing import CliRunner
+
+    from vtoolkit.bench import midsize
+    from vtoolkit.cli import app
+
+    cfg, _ = midsize.llava7b_config()
+    t, v = cfg.text_config, cfg.vision_config
+    assert (t.hidden_size, t.num_hidden_layers, t.num_attention_heads, t.num_key_value_heads,
+            t.intermediate_size, t.vocab_size) == (4096, 32, 32, 32, 11008, 32000)
+    assert (v.hidden_size, v.num_hidden_layers, v.image_size, v.patch_size) == (1024, 24, 336, 14)
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration._from_config(cfg, dtype=torch.bfloat16)
+    n = sum(p.numel() for p in model.parameters())
+    assert 7.0e9 < n < 7.1e9                                # LLaVA-1.5-7B: 7.06 B parameters
+    if not torch.cuda.is_available():
+        res = CliRunner().invoke(app, ["bench", "--shape", "llava7b"])
+        assert res.exit_code == 2 and "CUDA" in res.output
+        with pytest.raises(ValueError, match="CUDA"):
+            midsize.llava7b(device="cpu")
 
 
 def test_gqa_shrinks_only_the_kv_projections():
@@ -109,7 +293,7 @@ def test_make_batch_reaches_prompt_tokens():
     assert short.shape[0] == 2 and short.shape[1] + 40 <= long.shape[1] < short.shape[1] + 80
 
 
-def test_bench_other_methods_and_option_errors(tmp_path):
+def test_bench_other_methods_and_option_errors(tmp_path, fake_clock):
     from typer.testing import CliRunner
 
     from vtoolkit.cli import app
@@ -125,5 +309,19 @@ def test_bench_other_methods_and_option_errors(tmp_path):
                               "ratio=0.5", "--decode-tokens", "1", "--repeats", "1", "--out", str(out)])
     assert res.exit_code == 0, res.output
     rows = json.loads(out.read_text())
-    assert [r["method"] for r in rows] == ["baseline", "fastv"] and rows[1]["ratio"] == 0.5
+    assert [r["method"] for r in rows] == ["baseline", "fastv", "oracle"] and rows[1]["ratio"] == 0.5
     assert rows[1]["visual_tokens"] == 32 and rows[1]["pruned_from_layer"] == 2
+
+
+def test_cpu_clock_counts_work_not_waiting():
+    import time
+
+    from typer.testing import CliRunner
+
+    from vtoolkit.bench.measure import time_once
+    from vtoolkit.cli import app
+
+    assert time_once(lambda: time.sleep(0.2)) >= 0.19                    # wall: the wait counts
+    assert time_once(lambda: time.sleep(0.2), clock="cpu") < 0.1          # CPU: a sleeping process does no work
+    res = CliRunner().invoke(app, ["bench", "--shape", "tiny", "--clock", "gpu"])
+    assert res.exit_code == 2 and "--clock must be wall or cpu" in res.output

@@ -73,7 +73,7 @@ def test_tables_in_a_pipe_are_not_squeezed_to_80_columns():
     (["--set", "keep_ratio=abc", "--keep-ratios", ""],
      "error: --set: FasterVLMConfig option 'keep_ratio' must be a number or None, got str 'abc'"),
     (["--set", "budget_scope=diagonal"], "error: --set: fastervlm: budget_scope must be one of"),
-    (["--shape", "huge"], "error: --shape must be midsize or tiny, got 'huge'"),
+    (["--shape", "huge"], "error: --shape must be one of midsize, tiny, llava7b, got 'huge'"),
     (["--batch-size", "0"], "error: Invalid value for '--batch-size': "),
 ])
 def test_bench_errors_before_building(no_model_build, args, message):

@@ -33,6 +33,8 @@ def test_demo_cli_quick_fresh_process_without_nltk_data(tmp_path):
     assert len(rows) == len(summary["settings"]) >= 8
     assert rows[0].startswith("| baseline | 64.0 |")
     assert any(r.startswith("| fastervlm keep_ratio=0.05 | 3.0 |") for r in rows)
+    assert all(r.endswith("| not timed (--quick) |  |") for r in rows[1:] if "n/a" not in r)   # no paired timing
+    assert "latency x base: not timed (--quick)" in proc.stdout
     import pandas as pd
 
     df = pd.read_csv(out / "table.csv")
@@ -90,3 +92,53 @@ def test_failing_method_is_an_error_row_and_a_failed_demo(broken_method, tmp_pat
     assert len(rows) == 2 and rows[0].startswith("| baseline |") and rows[0].endswith("|  |")
     assert broken_method in rows[1] and "broken on purpose" in rows[1]
     assert "FAILED" in res.output
+
+
+def test_latency_cells_from_synthetic_timings():
+    """Paired timings decide the latency cell: stable -> the median ratio; loaded machine, spread rounds or a
+    non-positive time -> a note instead of a number (no real timing, no real machine load)."""
+    from vtoolkit.demo import comparison_table, latency_cell
+
+    stable = {"ratios": [0.44, 0.45, 0.47], "times": [1.0, 0.44, 1.0, 0.45, 1.0, 0.47], "load": 1.2, "cores": 2}
+    assert latency_cell(stable) == (0.45, None)
+    assert latency_cell({**stable, "load": 3.2}) == (None, "machine loaded (load 3.2 on 2 cores)")
+    assert latency_cell({**stable, "ratios": [0.5, 1.0, 1.4]}) == (None, "unstable (spread 0.90)")
+    assert latency_cell({**stable, "times": [1.0, -0.2]}) == (None, "non-positive time (-0.2)")
+    rows = [{"setting": "baseline", "method": "none", "error": None},
+            {"setting": "a", "method": "a", "error": None, "_timing": stable},
+            {"setting": "b", "method": "b", "error": None, "_timing": {**stable, "load": 5.0}},
+            {"setting": "c", "method": "c", "error": None, "_timing": {**stable, "ratios": [1.0, 2.0, 1.5]}}]
+    table, out = comparison_table(rows)
+    cells = [line.split(" | ")[-2] for line in table.strip().splitlines()[2:]]
+    assert cells == ["1.00", "0.45", "machine loaded (load 5.0 on 2 cores)", "unstable (spread 0.67)"]
+    assert [r["latency_ratio"] for r in out] == [1.0, 0.45, None, None]
+    from vtoolkit.demo import latency_summary
+
+    summary = latency_summary(out, {r["setting"]: r["_timing"] for r in rows if "_timing" in r})
+    assert summary["measured"] == 1 and set(summary["not_measured"]) == {"b", "c"}
+    assert "measured 1 of 3 settings" in summary["text"] and "c: unstable (spread 0.67)" in summary["text"]
+
+
+def test_paired_timing_interleaves_baseline_and_setting():
+    from conftest import tiny_model
+    from vtoolkit.demo import latency_cell, paired_timing
+    from vtoolkit.hooks import count_hooks
+
+    model, proc, _ = tiny_model("llava")
+    clean = count_hooks(model)
+    calls, ticks = [], iter([2.0, 1.0, 2.0, 1.1, 2.0, 0.9] + [1.0] * 6)
+
+    def clock(fn):
+        calls.append(count_hooks(model) != clean)
+        fn()
+        return next(ticks)
+
+    loads = iter([0.5, 0.7, 9.0, 9.0])
+    t = paired_timing(model, proc, [("none", {}), ("fastervlm", {"keep_ratio": 0.1}), ("var", {}),
+                                    ("random", {"keep_ratio": 0.5})], 2, rounds=3, clock=clock,
+                      load=lambda: next(loads), cores=2)
+    assert list(t) == ["fastervlm keep_ratio=0.1", "random keep_ratio=0.5"]       # baseline and n/a not timed
+    assert calls[:6] == [False, True, False, True, False, True]                   # baseline, then the setting
+    assert t["fastervlm keep_ratio=0.1"]["ratios"] == [0.5, 0.55, 0.45]
+    assert latency_cell(t["fastervlm keep_ratio=0.1"]) == (0.5, None)
+    assert latency_cell(t["random keep_ratio=0.5"])[1] == "machine loaded (load 9.0 on 2 cores)"

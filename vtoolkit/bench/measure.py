@@ -30,12 +30,21 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-class _Timer:
-    """Seconds elapsed around a block: CUDA events on a CUDA device, ``perf_counter`` otherwise."""
+CLOCKS = ("wall", "cpu")
 
-    def __init__(self, device=None):
+
+class _Timer:
+    """Seconds elapsed around a block: CUDA events on a CUDA device, otherwise ``perf_counter`` (``clock="wall"``)
+    or ``process_time`` (``clock="cpu"``: CPU seconds of this process, all its threads -- on a machine that other
+    jobs load, the work this process did rather than how long it waited for a core; meaningful with one thread,
+    as idle OpenMP workers spin)."""
+
+    def __init__(self, device=None, clock: str = "wall"):
+        if clock not in CLOCKS:
+            raise ValueError(f"clock must be one of {CLOCKS}, got {clock!r}")
         self.device = device
         self.seconds = float("nan")
+        self._now = time.process_time if clock == "cpu" else time.perf_counter
 
     def __enter__(self):
         if _is_cuda(self.device):
@@ -43,7 +52,7 @@ class _Timer:
             self._start, self._end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             self._start.record()
         else:
-            self._t0 = time.perf_counter()
+            self._t0 = self._now()
         return self
 
     def __exit__(self, *exc):
@@ -52,11 +61,11 @@ class _Timer:
             torch.cuda.synchronize(self.device)
             self.seconds = self._start.elapsed_time(self._end) / 1e3
         else:
-            self.seconds = time.perf_counter() - self._t0
+            self.seconds = self._now() - self._t0
 
 
-def time_once(fn, device=None) -> float:
-    with _Timer(device) as t:
+def time_once(fn, device=None, clock: str = "wall") -> float:
+    with _Timer(device, clock) as t:
         fn()
     return t.seconds
 
@@ -154,3 +163,20 @@ def machine_load() -> float | None:
         return os.getloadavg()[0] / (os.cpu_count() or 1)
     except (OSError, AttributeError):
         return None
+
+
+# the verdicts (torch-free, so the CLI can import them cheaply)
+from vtoolkit.bench.verdict import (  # noqa: E402,F401
+    EXIT_UNSTABLE,
+    SPREAD_LIMIT,
+    judge,
+    load_average,
+    load_note,
+    ratio_cell,
+    spread,
+)
+
+
+def cores_used() -> int:
+    """CPU cores this process computes on: torch's intra-op threads, at most the machine's cores."""
+    return max(1, min(torch.get_num_threads(), os.cpu_count() or 1))

@@ -34,6 +34,7 @@ reinforced layer ``l``, with ``A_l,i`` that head's slice of the ``o_proj`` input
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -65,6 +66,12 @@ class VHRConfig(MethodConfig):
                 raise ValueError(f"layers must be a non-empty list of layer indices (or None for the default), got "
                                  f"{self.layers!r}")
             object.__setattr__(self, "layers", tuple(layers))
+
+
+@functools.cache
+def _exact_in(value: float, dtype: torch.dtype) -> bool:
+    """``value`` is representable in ``dtype`` without rounding."""
+    return float(torch.tensor(value, dtype=dtype)) == value
 
 
 def default_layers(num_layers: int) -> list[int]:
@@ -202,7 +209,13 @@ class VHR(Method):
             sel = self.selected[i].to(x.device)
             if sel.shape[0] != B:
                 raise RuntimeError(f"vhr: heads were selected for {sel.shape[0]} rows, this forward has {B}")
-            scaled = torch.where(sel[:, None, :, None], heads * self.config.alpha, heads)
+            alpha = self.config.alpha
+            if _exact_in(alpha, x.dtype):
+                # one pass, one temporary: x * 1 is exact and x * alpha (alpha exact in x's dtype) rounds as
+                # heads * alpha does, so this equals the where() below bit for bit
+                scale = torch.where(sel, alpha, 1.0).to(x.dtype)[:, None, :, None]
+                return ((heads * scale).view(B, q, H * d),)
+            scaled = torch.where(sel[:, None, :, None], heads * alpha, heads)
             return (scaled.view(B, q, H * d),)
 
         return hook
