@@ -282,3 +282,21 @@ def get_adapter(model: torch.nn.Module) -> ModelAdapter:
     if cfg is None:
         raise TypeError(f"expected a Hugging Face model with a .config, got {type(model).__name__}")
     return adapter_class_for(cfg.model_type)(model)
+
+
+class ConfigFeatureLayer:
+    """Adapter mixin for towers whose features are ``hidden_states[config.vision_feature_layer]`` (LLaVA families,
+    InternVL): ``hidden_states[k]`` is the output of layer ``k - 1`` (index 0 is the embeddings), and the layers after
+    it run in HF but their output is never read."""
+
+    def vision_feature_layer(self) -> int:
+        k = self.config.vision_feature_layer
+        if not isinstance(k, int):
+            raise NotImplementedError("several vision_feature_layer values are not supported by this method")
+        n = len(self.vision_layers)
+        return (k if k >= 0 else n + 1 + k) - 1
+
+    def unused_vision_layers(self) -> list[int]:
+        if not isinstance(self.config.vision_feature_layer, int):
+            return []
+        return list(range(self.vision_feature_layer() + 1, len(self.vision_layers)))

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import torch
 
-from vtoolkit.models.base import ImageSpan, ModelAdapter
+from vtoolkit.models.base import ConfigFeatureLayer, ImageSpan, ModelAdapter
 from vtoolkit.registry import register_adapter
 
 
 @register_adapter("internvl")
-class InternVLAdapter(ModelAdapter):
+class InternVLAdapter(ConfigFeatureLayer, ModelAdapter):
     family = "internvl"
     has_cls = True
 
@@ -38,18 +38,6 @@ class InternVLAdapter(ModelAdapter):
     @property
     def projector(self):
         return self.core.multi_modal_projector
-
-    def vision_feature_layer(self) -> int:
-        k = self.config.vision_feature_layer
-        if not isinstance(k, int):
-            raise NotImplementedError("several vision_feature_layer values are not supported by this method")
-        n = len(self.vision_layers)
-        return (k if k >= 0 else n + 1 + k) - 1
-
-    def unused_vision_layers(self) -> list[int]:
-        if not isinstance(self.config.vision_feature_layer, int):
-            return []
-        return list(range(self.vision_feature_layer() + 1, len(self.vision_layers)))
 
     @property
     def patch_grid(self) -> int:

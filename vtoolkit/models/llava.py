@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import torch
 
-from vtoolkit.models.base import ImageSpan, ModelAdapter
+from vtoolkit.models.base import ConfigFeatureLayer, ImageSpan, ModelAdapter
 from vtoolkit.registry import register_adapter
 
 
 @register_adapter("llava")
-class LlavaAdapter(ModelAdapter):
+class LlavaAdapter(ConfigFeatureLayer, ModelAdapter):
     family = "llava"
     has_cls = True
 
@@ -22,21 +22,6 @@ class LlavaAdapter(ModelAdapter):
     @property
     def projector(self):
         return self.core.multi_modal_projector
-
-    def vision_feature_layer(self) -> int:
-        """``hidden_states[k]`` is the output of layer ``k - 1`` (index 0 is the embeddings)."""
-        k = self.config.vision_feature_layer
-        if not isinstance(k, int):
-            raise NotImplementedError("several vision_feature_layer values are not supported by this method")
-        n = len(self.vision_layers)
-        idx = k if k >= 0 else n + 1 + k
-        return idx - 1
-
-    def unused_vision_layers(self) -> list[int]:
-        """Vision layers after the feature layer: HF runs them, LLaVA never reads their output."""
-        if not isinstance(self.config.vision_feature_layer, int):
-            return []
-        return list(range(self.vision_feature_layer() + 1, len(self.vision_layers)))
 
     @property
     def tokens_per_crop(self) -> int:
