@@ -14,7 +14,9 @@ this same file with ``--hf-side``), which also writes the model once:
    (``vtoolkit.bench.flops``) of both prompts.
 2. vLLM side: two engines on the saved model, one stock and one with ``hf_overrides={"vtoolkit": {"method":
    "fastervlm", "keep_ratio": r}}``, both alive at once (each engine core in its own process), one warm-up
-   ``LLM.generate`` each, then ``--rounds`` interleaved rounds of ``LLM.generate`` over the N requests.
+   ``LLM.generate`` each, then ``--rounds`` interleaved rounds of ``LLM.generate`` over the N requests, each round
+   on N images neither engine has seen (vLLM's encoder cache keeps encoder outputs by image hash, so a repeated
+   image would skip the ViT; ``--same-images`` measures that case).
 
 Throughput = N / wall time of one ``generate`` over the N requests (requests/s) and prompt tokens / that time
 (prompt tokens/s: the pruned engine's prompts are shorter). Ratio = pruned / unpruned requests/s (median of the
@@ -141,15 +143,16 @@ def hf_side(args) -> None:
     if not (d / "config.json").exists():
         _save_for_vllm(model, proc, d)
     print(f"[hf] model built and saved in {time.perf_counter() - t0:.0f} s", flush=True)
-    images = []
-    for i in range(args.requests):
+    images = []     # one set of N per vLLM generate call (warm-up + rounds): see vllm_side
+    for i in range(args.requests * args.image_sets):
         p = work / f"image{i}.png"
-        tiny.demo_image(i, (size, size)).save(p)
+        if not p.exists():
+            tiny.demo_image(i, (size, size)).save(p)
         images.append(str(p))
     a = get_adapter(model)
     from PIL import Image
 
-    pil = [Image.open(p).convert("RGB") for p in images]
+    pil = [Image.open(p).convert("RGB") for p in images[:args.requests]]
     inputs = a.prepare_inputs(proc, pil, [QUESTION] * args.requests)
     full_len = int(inputs["input_ids"].shape[1])
     n_vis = int((inputs["input_ids"][0] == a.image_token_id).sum())
@@ -200,8 +203,15 @@ def vllm_side(args, work: Path, hf: dict) -> dict:
     from PIL import Image
     from vllm import SamplingParams
 
-    reqs = [{"prompt": hf["prompt"], "multi_modal_data": {"image": Image.open(p).convert("RGB")}}
-            for p in hf["images"]]
+    n = args.requests
+    sets = 1 if args.same_images else 1 + args.rounds
+
+    def reqs(i: int) -> list[dict]:
+        """Set ``i`` of N requests: a fresh set per call unless ``--same-images`` (each engine's encoder cache keeps
+        the encoder outputs of images it has seen, keyed by their hash, so a repeated image skips the ViT)."""
+        ps = hf["images"][(i % sets) * n:(i % sets + 1) * n]
+        return [{"prompt": hf["prompt"], "multi_modal_data": {"image": Image.open(p).convert("RGB")}} for p in ps]
+
     sp = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
     max_len = hf["full_len"] + args.max_tokens + 16
     t0 = time.perf_counter()
@@ -210,14 +220,15 @@ def vllm_side(args, work: Path, hf: dict) -> dict:
     print(f"[vllm] two engines up in {time.perf_counter() - t0:.0f} s", flush=True)
     prompt_tokens = {}
     for k, llm in llms.items():    # warm-up: the whole batch once (first-call allocations, oneDNN primitives)
-        outs = llm.generate(reqs, sp, use_tqdm=False)
+        outs = llm.generate(reqs(0), sp, use_tqdm=False)
         prompt_tokens[k] = sum(len(o.prompt_token_ids) for o in outs)
     times = {"unpruned": [], "pruned": []}
     for r in range(args.rounds):
         order = ("unpruned", "pruned") if r % 2 == 0 else ("pruned", "unpruned")
+        batch = reqs(1 + r)       # loaded before the clock starts; the same set for both engines
         for k in order:
             t = time.perf_counter()
-            llms[k].generate(reqs, sp, use_tqdm=False)
+            llms[k].generate(batch, sp, use_tqdm=False)
             times[k].append(time.perf_counter() - t)
         print(f"[vllm] round {r}: unpruned {times['unpruned'][-1]:.2f} s, pruned {times['pruned'][-1]:.2f} s, "
               f"load {os.getloadavg()[0]:.1f}", flush=True)
@@ -240,7 +251,10 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="bfloat16", help="vLLM dtype (default bfloat16, the midsize model's)")
     ap.add_argument("--workdir", help="keep the saved model and images here (reused when present); default a temp dir")
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--same-images", action="store_true",
+                    help="reuse the warm-up's images in every round: vLLM's encoder cache then skips the ViT")
     ap.add_argument("--hf-side", help=argparse.SUPPRESS)
+    ap.add_argument("--image-sets", type=int, default=1, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.requests < 1 or args.rounds < 1 or args.max_tokens < 1:
         ap.error("--requests, --rounds and --max-tokens must be >= 1")
@@ -261,7 +275,8 @@ def main(argv=None) -> int:
     env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
     subprocess.run([py, __file__, "--hf-side", str(work), "--requests", str(args.requests), "--max-tokens",
                     str(args.max_tokens), "--hf-rounds", str(args.hf_rounds), "--keep-ratio", str(args.keep_ratio),
-                    "--shape", args.shape], check=True, env=env)
+                    "--shape", args.shape, "--image-sets", str(1 if args.same_images else 1 + args.rounds)],
+                   check=True, env=env)
     hf = json.loads((work / "hf.json").read_text())
     v = vllm_side(args, work, hf)
     results = {"vLLM": summarize(v["times"], v["prompt_tokens"], args.requests)}
@@ -272,7 +287,8 @@ def main(argv=None) -> int:
     bounds = {k: b for k, b in hf["bounds"].items() if not k.startswith("_")}
     load1 = os.getloadavg()
     print(f"\n{args.shape} model ({hf['dtype']} HF, vLLM {args.dtype}), fastervlm keep {hf['kept']} of {hf['n_vis']}, "
-          f"N={args.requests} requests, max_tokens={args.max_tokens}, prompt {hf['full_len']} -> "
+          f"N={args.requests} requests ({'the same' if args.same_images else 'fresh'} images each round), "
+          f"max_tokens={args.max_tokens}, prompt {hf['full_len']} -> "
           f"{hf['full_len'] - hf['n_vis'] + hf['kept']} tokens (vLLM: {v['prompt_tokens']['unpruned'] // args.requests}"
           f" -> {v['prompt_tokens']['pruned'] // args.requests}); {os.cpu_count()} CPUs, load average "
           f"{load0[0]:.1f} at start, {load1[0]:.1f} at end; {time.perf_counter() - t0:.0f} s in all\n")
