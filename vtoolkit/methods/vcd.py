@@ -29,7 +29,6 @@ plausibility cutoff).
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +36,7 @@ import torch
 from vtoolkit.hooks.sidestream import side_active
 from vtoolkit.methods.contrastive import ContrastiveConfig, ContrastiveDecoding
 from vtoolkit.registry import register_method
+from vtoolkit_core.selection import image_seed
 
 NUM_STEPS = 1000
 
@@ -84,9 +84,7 @@ class VCD(ContrastiveDecoding):
         view_inputs = {**inputs, "pixel_values": noised}
         for i in range(len(self.adapter.image_token_counts(inputs, encoded=True))):
             view = self.adapter.image_pixels(view_inputs, i)
-            digest = hashlib.blake2b(view.detach().to("cpu", torch.float32).contiguous().numpy().tobytes(),
-                                     digest_size=8, key=str(self.config.seed).encode()).digest()
-            gen = torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+            gen = torch.Generator().manual_seed(image_seed(view, self.config.seed))   # the random pruner's seed rule
             frames = self.adapter.image_frames(view_inputs, i)        # [F, ...] copies of one frame, a view into
             if frames.shape[0] > 1 and not bool((frames == frames[:1]).all()):     # ``noised``
                 raise RuntimeError(f"image {i}: the processor's {frames.shape[0]} frames of a still image differ; "
