@@ -1,0 +1,1 @@
+"""Built-in benchmarks, one module each (see :mod:`vtoolkit.eval.benchmark`)."""
