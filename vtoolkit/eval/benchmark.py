@@ -31,8 +31,6 @@ from vtoolkit.config import ConfigError
 
 __all__ = ["Benchmark", "get_benchmark", "list_benchmarks", "register_benchmark"]
 
-_BUILTIN = ("vtoolkit.eval.benchmarks.pope", "vtoolkit.eval.benchmarks.mme", "vtoolkit.eval.benchmarks.chair",
-            "vtoolkit.eval.benchmarks.hallusionbench", "vtoolkit.eval.benchmarks.amber")
 ENTRY_POINT_GROUP = "vtoolkit.benchmarks"
 _REGISTRY: dict[str, Benchmark] = {}
 _loaded = False
@@ -43,7 +41,7 @@ class Benchmark:
     :meth:`load` and :meth:`score`; everything else has a default."""
 
     name: ClassVar[str] = ""                   # set by register_benchmark
-    title: ClassVar[str] = ""                  # how humans write it ("POPE")
+    title: ClassVar[str] = ""                  # how humans write it (upper case, spaces)
     description: ClassVar[str] = ""
     layouts: ClassVar[tuple[str, ...]] = ()    # data layouts it reads ("auto" picks one by detect_layout)
     rules: ClassVar[tuple[str, ...]] = ("official",)
@@ -54,7 +52,7 @@ class Benchmark:
     unit: ClassVar[str] = ""                   # of the headline, for axis labels ("0-1", "points")
     metrics: ClassVar[tuple[tuple[str, tuple[str, ...]], ...]] = ()   # secondary report columns
     artifacts: ClassVar[tuple[str, ...]] = ()  # files / folders it writes into a run folder (besides predictions)
-    data_example: ClassVar[str] = ""           # shown in errors: "--data NAME=PATH", e.g. "/data/pope/coco"
+    data_example: ClassVar[str] = ""           # shown in errors: "--data NAME=PATH", e.g. "/data/NAME"
 
     # ------------------------------------------------------------------ data
     def detect_layout(self, path: Path) -> str:
@@ -132,8 +130,10 @@ def _ensure_loaded() -> None:
     if _loaded:
         return
     _loaded = True
-    for mod in _BUILTIN:
-        importlib.import_module(mod)
+    from vtoolkit.eval.benchmarks import BUILTIN
+
+    for mod in BUILTIN:
+        importlib.import_module(f"vtoolkit.eval.benchmarks.{mod}")
     from importlib.metadata import entry_points
 
     for ep in entry_points(group=ENTRY_POINT_GROUP):
