@@ -178,3 +178,23 @@ def test_eval_runs_both_on_a_tiny_model(tmp_path):
     assert m["amber"]["n"] == 5 and m["amber"]["n_errors"] == 0
     preds = [json.loads(x) for x in (out / "predictions" / "hallusionbench.jsonl").read_text().splitlines()]
     assert sorted({p["visual_tokens_after"] == 0 for p in preds}) == [False, True]   # text-only rows ran too
+
+
+def test_synthetic_versions_on_the_reference_scenes(tmp_path):
+    """Synthetic AMBER / HallusionBench from held-out scenes: each question's truth follows from the scene."""
+    from vtoolkit.data import scenes as S
+    from vtoolkit.data import synthetic as sy
+
+    am = load_dataset("amber", sy.make_amber(tmp_path / "am", n_images=6))
+    assert am.n_errors() == 0 and set(am.info["dimensions"]) == {"existence", "attribute", "relation"}
+    for r in am.records:
+        scene = S.make_scene(S.BENCH_SEED + sy.BENCH_OFFSETS["amber"], int(r["image"].split("_")[1].split(".")[0]) - 1)
+        if r["type"] == "discriminative-hallucination":
+            present = any(f" {c} " in f" {r['question'].rstrip('?').replace('an ', 'a ')} " for c in scene.classes)
+            assert (r["label"] == "yes") == present, r
+    hb = load_dataset("hallusionbench", sy.make_hallusionbench(tmp_path / "hb", n_sets=3))
+    assert len(hb) == 12 and hb.n_errors() == 0
+    labels = {(r["set_id"], r["figure_id"], r["question_id"]): r["label"] for r in hb.records}
+    for s in ("0", "1", "2"):   # the removed class: yes on the original, no on the edit; the kept one: yes on both
+        assert (labels[(s, "0", "0")], labels[(s, "1", "0")], labels[(s, "0", "1")], labels[(s, "1", "1")]) == \
+               ("yes", "no", "yes", "yes")
