@@ -24,7 +24,10 @@ GENERIC_MODULES = ["vtoolkit/eval/runner.py", "vtoolkit/eval/sweep.py", "vtoolki
 
 
 def test_registry_lists_the_builtins_and_suggests_the_closest_name():
+    import vtoolkit.eval
+
     names = list_benchmarks()
+    assert vtoolkit.eval.list_benchmarks() == names
     assert names[:5] == ["pope", "mme", "chair", "hallusionbench", "amber"]
     with pytest.raises(ConfigError, match=r"unknown benchmark 'hallusionbnch'.*did you mean 'hallusionbench'"):
         get_benchmark("hallusionbnch")
