@@ -43,7 +43,7 @@ def test_registry_lists_the_builtins_and_suggests_the_closest_name():
 @pytest.mark.parametrize("module", GENERIC_MODULES)
 def test_generic_modules_name_no_benchmark(module):
     """The runner, sweep, report, validation, CLI and lmms-eval plug-in know no benchmark by name: everything that
-    differs lives in vtoolkit/eval/benchmarks/NAME.py."""
+    differs lives in the benchmark's own module in vtoolkit/eval/benchmarks/."""
     text = (REPO / module).read_text(encoding="utf-8")
     found = [n for n in list_benchmarks() if re.search(rf"\b{re.escape(n)}\b", text, flags=re.IGNORECASE)]
     assert not found, f"{module} names {found}"

@@ -2,7 +2,7 @@
 
 A dataset is a deterministic list of light records plus ``open_image(record)``; the runner opens images batch by
 batch, so ids are known up front (for ``--resume`` and sharding) and memory stays flat on big parquet files. Each
-benchmark's layouts and loaders live in its own module (``vtoolkit/eval/benchmarks/NAME.py``, see
+benchmark's layouts and loaders live in its own module in ``vtoolkit/eval/benchmarks/`` (see
 :mod:`vtoolkit.eval.benchmark`); this module holds what they share.
 
 Record (a dict; everything but ``_ref`` is copied into the predictions file)::

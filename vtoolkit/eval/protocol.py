@@ -1,6 +1,6 @@
 """Evaluation protocols: the prompt, generation settings and scoring rule of a benchmark, as data.
 
-Each benchmark declares its defaults in its own module (``vtoolkit/eval/benchmarks/NAME.py``, attribute
+Each benchmark declares its defaults in its own module in ``vtoolkit/eval/benchmarks/`` (attribute
 ``defaults``, each naming its origin in ``source``); this module holds the shared :class:`Protocol` and the override
 rules. Scoring follows ``vtoolkit score NAME`` exactly, defaults included: ``zero_division=None`` behaves like the
 rule's original script where it defines a value; where the original divides without a guard the metric is reported
