@@ -123,7 +123,8 @@ def test_data_errors_name_the_file_and_exit_2_before_building(tmp_path, pope, no
     res = invoke(*_eval(f"foo={pope}", tmp_path / "r3"))
     assert res.exit_code == 2
     assert one_error_line(res) == (f"error: --data 'foo={pope}': unknown benchmark 'foo'; write BENCH=PATH with BENCH "
-                                   f"one of pope, mme, chair (or a bare PATH when one benchmark is evaluated)")
+                                   f"one of pope, mme, chair, hallusionbench, amber (or a bare PATH when one benchmark is "
+                                   f"evaluated)")
 
 
 # ------------------------------------------------------------------------------------------------ 4. resume, Ctrl-C, train

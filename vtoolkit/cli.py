@@ -116,10 +116,17 @@ def _root(version: bool = typer.Option(False, "--version", is_eager=True, callba
 def list_cmd(pattern: str = typer.Argument("*", help="glob over method names or kinds, e.g. 'fast*' or prune"),
              as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
              markdown: bool = typer.Option(False, "--markdown", help="print the README's table of methods and the "
-                                                                     "model types each supports")) -> None:
-    """List the registered methods: name, kind, supported architectures, requirements."""
+                                                                     "model types each supports"),
+             benchmarks: bool = typer.Option(False, "--benchmarks", help="list the registered benchmarks (built-in "
+                                                                         "and plug-ins) with their metrics instead")
+             ) -> None:
+    """List the registered methods: name, kind, supported architectures, requirements (``--benchmarks``: the
+    registered benchmarks with their headline and secondary metrics)."""
     import vtoolkit as vt
 
+    if benchmarks:
+        _list_benchmarks(pattern, as_json)
+        return
     rows = vt.list_methods(pattern)
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
@@ -142,6 +149,31 @@ def list_cmd(pattern: str = typer.Argument("*", help="glob over method names or 
     for r in rows:
         table.add_row(r["name"], r["kind"], r["stage"], ", ".join(r["architectures"]), ", ".join(r["requires"]) or "-",
                       r["description"])
+    print_table(table)
+
+
+def _list_benchmarks(pattern: str, as_json: bool) -> None:
+    import fnmatch
+
+    from vtoolkit.eval.benchmark import get_benchmark, list_benchmarks
+
+    rows = [get_benchmark(n).describe() for n in list_benchmarks() if fnmatch.fnmatch(n, pattern)]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+    if not rows:
+        typer.echo(f"no benchmark matches {pattern!r}; registered benchmarks: {', '.join(list_benchmarks())}",
+                   err=True)
+        raise typer.Exit(1)
+    if as_json:
+        return
+    from rich.table import Table
+
+    table = Table(title="vtoolkit benchmarks")
+    for col in ("name", "headline", "unit", "other metrics", "scorer rules", "layouts", "from"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["name"], r["headline"] + ("" if r["higher_is_better"] else " (lower is better)"), r["unit"],
+                      ", ".join(r["metrics"]) or "-", ", ".join(r["rules"]), ", ".join(r["layouts"]), r["module"])
     print_table(table)
 
 

@@ -42,17 +42,20 @@ from pathlib import Path
 
 from vtoolkit.data import scenes as S
 
-__all__ = ["BENCH_OFFSETS", "DATASET", "PROTOCOL", "compute_co_occurrence", "ground_truth_objects", "make_chair",
-           "make_mme", "make_pope", "mme_pairs", "pope_questions", "select_pope_images", "write_benchmarks"]
+__all__ = ["BENCH_OFFSETS", "DATASET", "PROTOCOL", "amber_questions", "compute_co_occurrence", "ground_truth_objects",
+           "make_amber", "make_chair", "make_hallusionbench", "make_mme", "make_pope", "mme_pairs", "pope_questions",
+           "select_pope_images", "write_benchmarks"]
 
 DATASET = "shapes"
 POPE_TEMPLATE = "Is there a {} in the image?"
-BENCH_OFFSETS = {"pope": 0, "existence": 1, "count": 2, "position": 3, "color": 4, "chair": 5}
+BENCH_OFFSETS = {"pope": 0, "existence": 1, "count": 2, "position": 3, "color": 4, "chair": 5, "amber": 6,
+                 "hallusionbench": 7}
 MME_TASKS = ("existence", "count", "position", "color")
 # protocol overrides for the synthetic benchmarks: answers are a word, captions a sentence (the harness defaults,
 # 128 / 16 / 512 new tokens, only cost time when a model does not stop); CHAIR scored with the synthetic vocabulary
 PROTOCOL = {"pope": {"max_new_tokens": 8}, "mme": {"max_new_tokens": 8},
-            "chair": {"max_new_tokens": 64, "scorer_rule": "synthetic", "n_images": None}}
+            "chair": {"max_new_tokens": 64, "scorer_rule": "synthetic", "n_images": None},
+            "amber": {"max_new_tokens": 8, "scorer_rule": "vlmevalkit"}, "hallusionbench": {"max_new_tokens": 8}}
 
 
 def _save(img, path: Path) -> None:
@@ -229,6 +232,99 @@ def make_chair(root: str | Path, n_images: int = 100, seed: int = S.BENCH_SEED) 
                                                             "categories": categories}), encoding="utf-8")
     (ann / "captions_val2014.json").write_text(json.dumps({"images": images, "annotations": captions}),
                                                encoding="utf-8")
+    return root
+
+
+# ------------------------------------------------------------------------------------------------ AMBER
+def _left_of(scene: S.Scene, a: str, b: str, margin: float = 0.12) -> bool | None:
+    """Whether ``a``'s single instance is left of ``b``'s (None: several instances, or too close to tell)."""
+    ia, ib = scene.instances(a), scene.instances(b)
+    if len(ia) != 1 or len(ib) != 1 or abs(ia[0].x - ib[0].x) < margin * S.CANVAS:
+        return None
+    return ia[0].x < ib[0].x
+
+
+def amber_questions(scene: S.Scene, rng: random.Random) -> list[tuple[str, str, str]]:
+    """``(type, query, truth)`` AMBER discriminative questions about ``scene`` for the types the scenes have:
+    existence (``discriminative-hallucination``: a present class / an absent one), attribute state (colour: the true
+    colour / another), attribute number (the true count / another of 1-4) and relation (left of, between two classes
+    with one clearly placed instance each; true and reversed). Actions do not exist in the scenes: no
+    ``-attribute-action`` question."""
+    classes = list(scene.classes)
+    out = []
+    absent = [c for c in S.CLASSES if c not in classes]
+    for c, truth in ((rng.choice(classes), "yes"), (rng.choice(absent), "no")):
+        out.append(("discriminative-hallucination", f"Is there {S.with_article(c)} in this image?", truth))
+    c = rng.choice(classes)
+    true = scene.color_of(c)
+    col = true if rng.random() < 0.5 else rng.choice([k for k in S.COLORS if k != true])
+    out.append(("discriminative-attribute-state", f"Is the {c} {col}?", "yes" if col == true else "no"))
+    c = rng.choice(classes)
+    n = scene.count(c)
+    k = n if rng.random() < 0.5 else rng.choice([m for m in (1, 2, 3, 4) if m != n])
+    out.append(("discriminative-attribute-number", S.count_question(c, k), "yes" if k == n else "no"))
+    pairs = [(a, b) for a in classes for b in classes if a != b and _left_of(scene, a, b) is not None]
+    if pairs:
+        a, b = rng.choice(pairs)
+        left = _left_of(scene, a, b)
+        flip = rng.random() < 0.5
+        x, y = (b, a) if flip else (a, b)
+        out.append(("discriminative-relation", f"Is the {x} to the left of the {y}?", "yes" if left != flip else "no"))
+    return out
+
+
+def make_amber(root: str | Path, n_images: int = 30, seed: int = S.BENCH_SEED) -> Path:
+    """The AMBER ``data/`` layout (``annotations.json``, ``query/query_discriminative.json``, ``image/``) with
+    :func:`amber_questions` about ``n_images`` held-out scenes, read by ``--data amber=ROOT``."""
+    root = Path(root)
+    rng = random.Random(seed * 100 + BENCH_OFFSETS["amber"])
+    annotations, queries = [], []
+    for i in range(n_images):
+        scene = S.make_scene(seed + BENCH_OFFSETS["amber"], i)
+        name = f"AMBER_{i + 1}.png"
+        _save(S.render(scene), root / "image" / name)
+        for kind, query, truth in amber_questions(scene, rng):
+            qid = len(annotations) + 1
+            annotations.append({"id": qid, "type": kind, "truth": truth})
+            queries.append({"id": qid, "image": name, "query": query})
+    (root / "query").mkdir(parents=True, exist_ok=True)
+    (root / "annotations.json").write_text(json.dumps(annotations), encoding="utf-8")
+    (root / "query" / "query_discriminative.json").write_text(json.dumps(queries), encoding="utf-8")
+    return root
+
+
+# ------------------------------------------------------------------------------------------------ HallusionBench
+def make_hallusionbench(root: str | Path, n_sets: int = 30, seed: int = S.BENCH_SEED) -> Path:
+    """``HallusionBench.json`` + ``hallusion_bench/VD/shapes/<set>_<figure>.png``: per set a held-out scene (figure 0)
+    and its edit (figure 1: every instance of one class removed), two questions asked on both figures ("Is there a
+    <removed class> in the figure?": yes, then no; "Is there a <kept class> ...?": yes on both), so fAcc and qAcc
+    need the edit to be seen. Only visual-dependent (VD) sets: the scenes carry no knowledge a question could be
+    answered from without the figure, so there are no VS sets."""
+    import dataclasses
+
+    root = Path(root)
+    rng = random.Random(seed * 100 + BENCH_OFFSETS["hallusionbench"])
+    rows, s_id, i = [], 0, 0
+    while s_id < n_sets:
+        scene = S.make_scene(seed + BENCH_OFFSETS["hallusionbench"], i, min_classes=2)
+        i += 1
+        if len(scene.classes) < 2:
+            continue
+        gone = rng.choice(list(scene.classes))
+        kept = rng.choice([c for c in scene.classes if c != gone])
+        edited = dataclasses.replace(scene, classes=tuple(c for c in scene.classes if c != gone),
+                                     objects=tuple(o for o in scene.objects if o.cls != gone))
+        for fig, sc in ((0, scene), (1, edited)):
+            rel = Path("hallusion_bench") / "VD" / DATASET / f"{s_id}_{fig}.png"
+            _save(S.render(sc), root / rel)
+            for q, (c, yes) in enumerate(((gone, fig == 0), (kept, True))):
+                rows.append({"category": "VD", "subcategory": DATASET, "visual_input": "1" if fig == 0 else "2",
+                             "set_id": str(s_id), "figure_id": str(fig), "sample_note": "synthetic shapes",
+                             "question_id": str(q), "question": f"Is there {S.with_article(c)} in the figure?",
+                             "gt_answer_details": f"There is {'a' if yes else 'no'} {c}.",
+                             "gt_answer": "1" if yes else "0", "filename": f"./{rel.as_posix()}"})
+        s_id += 1
+    (root / "HallusionBench.json").write_text(json.dumps(rows), encoding="utf-8")
     return root
 
 

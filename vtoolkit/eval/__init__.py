@@ -1,1 +1,4 @@
-"""Evaluation: POPE / CHAIR / MME scorers, datasets, the batched runner, sweeps and reports."""
+"""Evaluation: benchmarks (plug-ins, :mod:`vtoolkit.eval.benchmark`), the runner, sweeps, reports and scorers."""
+from vtoolkit.eval.benchmark import Benchmark, get_benchmark, list_benchmarks, register_benchmark
+
+__all__ = ["Benchmark", "get_benchmark", "list_benchmarks", "register_benchmark"]

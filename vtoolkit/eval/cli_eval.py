@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from vtoolkit.eval.protocol import BENCHMARKS
+from vtoolkit.eval.benchmark import list_benchmarks
 
 # how `vtoolkit eval` names each setting in error messages
 EVAL_NAMES = {"model": "--model", "method": "--method", "method_options": "--set", "benchmarks": "--bench",
@@ -18,23 +18,23 @@ EVAL_NAMES = {"model": "--model", "method": "--method", "method_options": "--set
 def split_sets(items) -> tuple[dict, dict, dict]:
     """``--set`` items -> (method options, protocol overrides per bench, data options per bench).
 
-    ``pope.max_new_tokens=10`` is a protocol override, ``data.chair.annotations=DIR`` a data option, anything else
-    (``keep_ratio=0.1``) a method option."""
+    ``BENCH.max_new_tokens=10`` (BENCH a registered benchmark) is a protocol override, ``data.BENCH.KEY=VALUE`` a
+    data option, anything else (``keep_ratio=0.1``) a method option."""
     from vtoolkit.config import ConfigError, parse_overrides
 
     try:
         parsed = parse_overrides(items)
     except ConfigError as e:
         raise ConfigError(f"--set {e}") from None
-    protocol = {b: parsed.pop(b) for b in BENCHMARKS if b in parsed}
+    protocol = {b: parsed.pop(b) for b in list_benchmarks() if b in parsed}
     data = parsed.pop("data", {}) or {}
     if not isinstance(data, dict):
-        raise ConfigError("--set data.BENCH.KEY=VALUE sets a data option, e.g. data.chair.annotations=DIR")
+        raise ConfigError("--set data.BENCH.KEY=VALUE sets a data option, e.g. data.BENCH.annotations=DIR")
     return parsed, protocol, data
 
 
 def parse_data(items, benches) -> dict:
-    """``--data pope=PATH`` (repeatable) or a bare ``--data PATH`` when one benchmark is evaluated."""
+    """``--data BENCH=PATH`` (repeatable) or a bare ``--data PATH`` when one benchmark is evaluated."""
     import os
     import re
 
@@ -43,15 +43,16 @@ def parse_data(items, benches) -> dict:
     out: dict = {}
     for item in items or ():
         head, sep, rest = item.partition("=")
-        if sep and head in BENCHMARKS:
+        if sep and head in list_benchmarks():
             out[head] = rest
         elif sep and re.fullmatch(r"[A-Za-z_][\w-]*", head) and not os.path.exists(item):
             raise ConfigError(f"--data {item!r}: unknown benchmark {head!r}; write BENCH=PATH with BENCH one of "
-                              f"{', '.join(BENCHMARKS)} (or a bare PATH when one benchmark is evaluated)")
+                              f"{', '.join(list_benchmarks())} (or a bare PATH when one benchmark is evaluated)")
         elif len(benches) == 1:
             out[benches[0]] = item
         else:
-            raise ConfigError(f"--data {item!r}: with several benchmarks write BENCH=PATH (e.g. pope=/data/pope)")
+            b = benches[0] if benches else list_benchmarks()[0]
+            raise ConfigError(f"--data {item!r}: with several benchmarks write BENCH=PATH (e.g. {b}=/data/{b})")
     return out
 
 
@@ -100,13 +101,15 @@ def register_commands(app: typer.Typer) -> None:
                                                        "model)"),
         method: str = typer.Option("none", "--method", help="method name, or a preset YAML (configs/methods/*.yaml)"),
         sets: list[str] = typer.Option([], "--set", help="key=value: method option (keep_ratio=0.1), protocol "
-                                                         "override (pope.max_new_tokens=10) or data option "
-                                                         "(data.chair.annotations=DIR); repeatable"),
-        bench: str = typer.Option("pope", "--bench", help="comma-separated: pope,chair,mme"),
+                                                         "override (BENCH.max_new_tokens=10) or data option "
+                                                         "(data.BENCH.annotations=DIR); repeatable"),
+        bench: str | None = typer.Option(None, "--bench", help="comma-separated benchmark names (vtoolkit list "
+                                                               "--benchmarks; default: the first, "
+                                                               f"{list_benchmarks()[0]})"),
         data: list[str] = typer.Option([], "--data", help="BENCH=PATH (repeatable), see vtoolkit.eval.datasets"),
         out: Path = typer.Option(..., "--out", help="run folder"),
-        limit: int | None = typer.Option(None, "--limit", help="N > 0 samples per benchmark: the first N (POPE: N "
-                                                               "spread evenly over the splits)"),
+        limit: int | None = typer.Option(None, "--limit", help="N > 0 samples per benchmark, by the benchmark's "
+                                                               "rule (the first N, or N spread over its splits)"),
         batch_size: int = typer.Option(1, "--batch-size", help="samples per generate call (> 0)"),
         resume: bool = typer.Option(False, "--resume", help="continue an interrupted run in --out (same settings)"),
         overwrite: bool = typer.Option(False, "--overwrite", help="delete the results already in --out first"),
@@ -119,14 +122,14 @@ def register_commands(app: typer.Typer) -> None:
         attn_implementation: str | None = typer.Option(None, "--attn-implementation"),
         progress: bool = typer.Option(True, "--progress/--no-progress"),
     ) -> None:
-        """Evaluate a model with a method applied on POPE / CHAIR / MME; writes predictions, config and metrics.
+        """Evaluate a model with a method applied on registered benchmarks; writes predictions, config and metrics.
 
         Exits with 2 when a setting is wrong (checked before the model is built), 1 when a benchmark could not be
         scored (every row failed, or the scorer refused)."""
         from vtoolkit.config import ConfigError, load_method_preset
         from vtoolkit.eval.runner import evaluate, resolve_config
 
-        benches = [b.strip() for b in bench.split(",") if b.strip()]
+        benches = [b.strip() for b in (bench or list_benchmarks()[0]).split(",") if b.strip()]
         method_opts, protocol, data_opts = split_sets(sets)
         names = EVAL_NAMES
         if method.endswith((".yaml", ".yml")):
@@ -162,7 +165,7 @@ def register_commands(app: typer.Typer) -> None:
 
     @app.command("sweep")
     def sweep_cmd(
-        path: Path = typer.Argument(..., help="sweep YAML, e.g. configs/sweeps/fastervlm_pope.yaml"),
+        path: Path = typer.Argument(..., help="sweep YAML (configs/sweeps/*.yaml)"),
         out: Path | None = typer.Option(None, "--out", help="output folder (default: the sweep's out / runs/NAME)"),
         data: list[str] = typer.Option([], "--data", help="BENCH=PATH: the data path of BENCH (its other keys, "
                                                           "e.g. images:, are kept)"),

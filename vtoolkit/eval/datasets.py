@@ -1,41 +1,26 @@
-"""Benchmark datasets for the runner: POPE, MME and CHAIR in their official and Hugging Face (parquet) layouts.
+"""Benchmark data for the runner: light records (no pixels) plus how to open their images.
 
-A dataset is a deterministic list of light records (no pixels) plus ``load_image(record)``; the runner opens images
-batch by batch, so ids are known up front (for ``--resume`` and sharding) and memory stays flat on big parquet files.
+A dataset is a deterministic list of light records plus ``open_image(record)``; the runner opens images batch by
+batch, so ids are known up front (for ``--resume`` and sharding) and memory stays flat on big parquet files. Each
+benchmark's layouts and loaders live in its own module in ``vtoolkit/eval/benchmarks/`` (see
+:mod:`vtoolkit.eval.benchmark`); this module holds what they share.
 
 Record (a dict; everything but ``_ref`` is copied into the predictions file)::
 
-    id          stable sample id, unique in the dataset ("pope/coco_pope_random/17", "mme/OCR/0001.jpg#1", "chair/42")
-    bench       "pope" | "mme" | "chair"
+    id          stable sample id, unique in the dataset ("NAME/split/17")
+    bench       the benchmark's registered name
     index       position in dataset order
-    split       POPE split (file stem or lmms-lab ``category``), MME subtask; None for CHAIR
-    question    raw question text (None for CHAIR: the protocol's fixed instruction is used)
-    label       gold answer ("yes"/"no"; None for CHAIR)
-    image       image file name / lmms-lab image id, for humans
+    split       the benchmark's grouping (a file stem, a subtask, a category); may be None
+    question    raw question text (None when the protocol has a fixed instruction)
+    label       gold answer (None when the benchmark scores against other ground truth)
+    image       image file name / id, for humans (None for a text-only question)
     question_id / image_id   ids of the original files when they have them
     error       None, or why the row cannot be evaluated (missing field, missing image, bad JSON line)
-    _ref        how to load the pixels (path or a parquet location); internal
+    _ref        how to load the pixels: ("path", file), ("parquet", file, row group, row), or
+                :func:`text_only_ref` for a question asked without an image; internal
 
-Bad rows are yielded with ``error`` set, never dropped and never fatal.
-
-Layouts (``layout="auto"`` picks by looking at the path)
---------------------------------------------------------
-POPE  ``json``: one or more official question files (JSON Lines or one JSON array, LF or CRLF; keys ``question_id``,
-      ``image``, ``text``, ``label``), images from ``images=`` (default: ``<file dir>/images``, ``<file dir>/val2014``).
-      A directory of ``*.json``/``*.jsonl`` files is one split per file.
-      ``parquet``: lmms-lab/POPE (``question_id``, ``question``, ``answer``, ``image`` (HF Image struct),
-      ``category``, ``image_source``, ``id``); ``data/`` (config ``default``) is preferred over ``Full/``.
-MME   ``folder``: the official ``MME_Benchmark_release_version`` (split subtasks ``<task>/images`` +
-      ``<task>/questions_answers_YN``, the others ``<task>/<id>.{png,jpg}`` next to ``<task>/<id>.txt``, each .txt
-      holding two ``question<TAB>Yes|No`` lines). ``parquet``: lmms-lab/MME (``question_id`` = image path,
-      ``question``, ``answer``, ``category``, ``image``).
-CHAIR ``coco``: a COCO val2014 image folder (``path`` itself or ``path/val2014``) and, for scoring, the annotation
-      folder (``annotations=``, default ``path/annotations``) or a prebuilt per-image GT file (``gt=``). A seeded
-      subset of ``protocol.n_images`` images is drawn from the *sorted* file list.
-
-``limit`` (:meth:`Dataset.limit`, ``--limit N``) keeps N samples: for POPE N spread evenly over the splits (the first
-records of each split, so the headline "mean over splits" averages every split once N >= the number of splits; with
-fewer, the headline says which splits it averages), for MME and CHAIR the first N.
+Bad rows are yielded with ``error`` set, never dropped and never fatal. ``limit`` (:meth:`Dataset.limit`,
+``--limit N``) keeps N samples by the benchmark's rule (:meth:`~vtoolkit.eval.benchmark.Benchmark.select`).
 """
 from __future__ import annotations
 
@@ -43,22 +28,16 @@ import hashlib
 import io
 import json
 import os
-import random
-import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from vtoolkit.config import ConfigError
 
-PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark", "artwork",
-              "OCR")
-COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
-MME_TASKS = PERCEPTION + COGNITION
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif")
 
-__all__ = ["DataSpec", "Dataset", "load_dataset", "open_image", "public_record"]
+__all__ = ["DataSpec", "Dataset", "is_text_only", "load_dataset", "open_image", "public_record", "text_only_ref"]
 
 
 @dataclass
@@ -68,12 +47,11 @@ class DataSpec:
     bench: str
     path: str
     layout: str = "auto"
-    images: str | None = None        # POPE json: image folder; CHAIR: val2014 folder
-    annotations: str | None = None   # CHAIR: COCO annotations folder (instances_/captions_val2014.json)
-    gt: str | None = None            # CHAIR: prebuilt {image_id: [objects]} json(.gz)
+    images: str | None = None        # the image folder, when it is not where the benchmark looks by default
+    annotations: str | None = None   # an annotation folder / file the benchmark scores against
+    gt: str | None = None            # a prebuilt ground-truth file the benchmark scores against
 
     KEYS = ("path", "layout", "images", "annotations", "gt")
-    LAYOUTS = {"pope": ("auto", "json", "parquet"), "mme": ("auto", "folder", "parquet"), "chair": ("auto", "coco")}
 
     @classmethod
     def from_any(cls, bench: str, value: Any) -> DataSpec:
@@ -95,8 +73,11 @@ class DataSpec:
             if not v.get("path"):
                 raise ConfigError(f"data for {bench!r} needs a 'path'")
             layout = v.pop("layout", None) or "auto"
-            if layout not in cls.LAYOUTS.get(bench, ("auto",)):
-                raise ConfigError(f"data for {bench!r}: layout must be one of {', '.join(cls.LAYOUTS[bench])}, "
+            from vtoolkit.eval.benchmark import get_benchmark
+
+            layouts = ("auto", *get_benchmark(bench).layouts)
+            if layout not in layouts:
+                raise ConfigError(f"data for {bench!r}: layout must be one of {', '.join(layouts)}, "
                                   f"got {layout!r}")
             return cls(bench=bench, layout=layout, **{k: (str(x) if x is not None else x) for k, x in v.items()})
         raise ConfigError(f"data for {bench!r} must be a path or a mapping, got {type(value).__name__}")
@@ -132,7 +113,7 @@ class Dataset:
         return iter(self.records)
 
     def limit(self, n: int | None) -> Dataset:
-        """The first ``n`` samples (None: all); for POPE ``n`` spread evenly over the splits (see the module
+        """The first ``n`` samples (None: all); by the benchmark's rule (see the module
         docstring). ``n`` must be a positive integer."""
         if n is None:
             return self
@@ -140,12 +121,9 @@ class Dataset:
             raise ConfigError(f"limit must be a positive number of samples, got {n!r}")
         if n >= len(self.records):
             return self
-        if self.bench == "pope":
-            keep = _spread_over_splits(self.records, n)
-            rule = "the first records of each split, n spread evenly over the splits"
-        else:
-            keep = set(range(n))
-            rule = "the first n records"
+        from vtoolkit.eval.benchmark import get_benchmark
+
+        keep, rule = get_benchmark(self.bench).select(self.records, n)
         info = {**self.info, "limit": n, "limit_rule": rule, "n_before_limit": len(self.records)}
         return Dataset(self.bench, [dict(r) for i, r in enumerate(self.records) if i in keep], self.layout, info)
 
@@ -160,7 +138,7 @@ class Dataset:
         return sum(r.get("error") is not None for r in self.records)
 
 
-def _spread_over_splits(records: list[dict], n: int) -> set[int]:
+def spread_over_splits(records: list[dict], n: int) -> set[int]:
     """Indices of ``n`` (< len(records)) records: the first records of each split, the count shared as evenly as the
     splits' sizes allow (splits in order of first appearance; earlier splits take the remainder)."""
     by_split: dict[Any, list[int]] = {}
@@ -182,14 +160,28 @@ def public_record(r: Mapping) -> dict:
 _PQ_CACHE: dict = {}
 
 
+def text_only_ref() -> tuple:
+    """The ``_ref`` of a record asked without an image (a text-only question): :func:`open_image` returns None and
+    the runner prompts it without image placeholders, batched with the records that have images."""
+    return ("text",)
+
+
+def is_text_only(record: Mapping) -> bool:
+    ref = record.get("_ref")
+    return ref is not None and ref[0] == "text"
+
+
 def open_image(record: Mapping):
-    """The record's image as an RGB PIL image; raises (OSError/ValueError) with a clear message when unreadable."""
+    """The record's image as an RGB PIL image (None for a text-only record, see :func:`text_only_ref`); raises
+    (OSError/ValueError) with a clear message when unreadable."""
     from PIL import Image
 
     ref = record.get("_ref")
     if ref is None:
         raise ValueError(f"{record.get('id')}: no image reference")
     kind = ref[0]
+    if kind == "text":
+        return None
     if kind == "path":
         path = ref[1]
         if not os.path.isfile(path):
@@ -220,13 +212,23 @@ def open_image(record: Mapping):
 
 
 # -------------------------------------------------------------------------------------------------- helpers
-def _parquet_files(root: Path) -> list[Path]:
+def write_jsonl_atomic(path: Path, rows: Iterable[Mapping]) -> None:
+    """Write ``rows`` as JSON Lines to ``path`` atomically (a temporary file, fsync, rename)."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def parquet_files(root: Path) -> list[Path]:
     if root.is_file():
         return [root]
     return sorted(root.rglob("*.parquet"))
 
 
-def _iter_parquet_rows(files: list[Path], columns: list[str]):
+def iter_parquet_rows(files: list[Path], columns: list[str]):
     """Yield ``(file, row_group, row_in_group, row_dict)`` for every row, reading only ``columns`` (no pixels)."""
     import pyarrow.parquet as pq
 
@@ -240,20 +242,20 @@ def _iter_parquet_rows(files: list[Path], columns: list[str]):
                 yield f, g, i, row
 
 
-def _unique(ids_seen: dict, base: str) -> str:
+def unique_id(ids_seen: dict, base: str) -> str:
     n = ids_seen.get(base, 0)
     ids_seen[base] = n + 1
     return base if n == 0 else f"{base}~{n}"
 
 
-def _read_json_rows(path: Path) -> list[tuple[int, Any, str | None]]:
-    """``(line_no, obj_or_None, error)`` per record of a JSON Lines file or a JSON array; bad lines -> error."""
+def read_json_rows(path: Path, what: str = "a question file") -> list[tuple[int, Any, str | None]]:
+    """``(line_no, obj_or_None, error)`` per record of a JSON Lines file or a JSON array; bad lines -> error;
+    an empty file is a ConfigError saying to give ``what``."""
     from vtoolkit.eval.scorers._io import decode_text
 
     raw = decode_text(path.read_bytes(), path)
     if not raw.strip():
-        raise ConfigError(f"{path}: an empty question file (no records); give a POPE question file (JSON Lines or a "
-                          f"JSON array)")
+        raise ConfigError(f"{path}: an empty question file (no records); give {what} (JSON Lines or a JSON array)")
     if raw.lstrip().startswith("["):
         try:
             data = json.loads(raw)
@@ -273,7 +275,7 @@ def _read_json_rows(path: Path) -> list[tuple[int, Any, str | None]]:
     return out
 
 
-def _resolve_image(root: Path | None, name: str) -> Path | None:
+def resolve_image(root: Path | None, name: str) -> Path | None:
     if root is None:
         return None
     p = root / name
@@ -284,234 +286,16 @@ def _resolve_image(root: Path | None, name: str) -> Path | None:
     return p
 
 
-def _detect_layout(bench: str, path: Path) -> str:
-    if not path.exists():
-        raise FileNotFoundError(f"{bench} data not found: {path}")
-    if path.is_file():
-        if path.suffix == ".parquet":
-            return "parquet"
-        if bench == "pope":
-            return "json"
-        raise ConfigError(f"{bench}: expected a folder, got the file {path}")
-    if _parquet_files(path):
-        return "parquet"
-    return {"pope": "json", "mme": "folder", "chair": "coco"}[bench]
-
-
-# -------------------------------------------------------------------------------------------------- POPE
-def _pope_json(spec: DataSpec) -> Dataset:
-    path = Path(spec.path)
-    files = [path] if path.is_file() else sorted(p for p in path.iterdir()
-                                                 if p.suffix in (".json", ".jsonl") and p.is_file())
-    if not files:
-        raise FileNotFoundError(f"POPE: no question files (*.json, *.jsonl) in {path}")
-    base = files[0].parent
-    if spec.images:
-        img_root = Path(spec.images)
-    else:
-        cands = [base / "images", base / "val2014", base]
-        img_root = next((c for c in cands if c.is_dir() and c != base), base)
-    records, seen, info_files = [], {}, []
-    for f in files:
-        split = f.name.split(".")[0]
-        rows = _read_json_rows(f)
-        info_files.append({"file": str(f), "split": split, "rows": len(rows)})
-        for line_no, obj, err in rows:
-            rec = {"bench": "pope", "split": split, "question_id": None, "image": None, "question": None,
-                   "label": None, "error": err, "_ref": None}
-            if err is None:
-                if not isinstance(obj, dict):
-                    err = f"{f.name} record {line_no}: expected an object, got {type(obj).__name__}"
-                else:
-                    rec["question_id"] = obj.get("question_id")
-                    rec["image"] = obj.get("image", obj.get("image_source"))
-                    rec["question"] = obj.get("text", obj.get("question"))
-                    lab = obj.get("label", obj.get("answer"))
-                    rec["label"] = lab.strip().lower() if isinstance(lab, str) else lab
-                    missing = [k for k in ("image", "question", "label") if not rec[k]]
-                    if missing:
-                        err = f"{f.name} record {line_no}: missing field(s) {missing}"
-                    elif rec["label"] not in ("yes", "no"):
-                        err = f"{f.name} record {line_no}: label must be yes/no, got {lab!r}"
-                    else:
-                        rec["_ref"] = ("path", str(_resolve_image(img_root, str(rec["image"]))))
-            rec["error"] = err
-            qid = rec["question_id"] if rec["question_id"] is not None else f"line{line_no}"
-            rec["id"] = _unique(seen, f"pope/{split}/{qid}")
-            records.append(rec)
-    return Dataset("pope", records, "json", {"files": info_files, "images": str(img_root),
-                                             "splits": _split_sizes(records)})
-
-
-def _split_sizes(records) -> dict:
-    out: dict = {}
-    for r in records:
-        out[r.get("split")] = out.get(r.get("split"), 0) + 1
-    return out
-
-
-def _pope_parquet(spec: DataSpec) -> Dataset:
-    root = Path(spec.path)
-    files = _parquet_files(root)
-    if root.is_dir() and (root / "data").is_dir() and _parquet_files(root / "data"):
-        files = _parquet_files(root / "data")  # config "default" (9000 rows, all splits); Full/ duplicates it
-    records, seen = [], {}
-    cols = ["id", "question_id", "question", "answer", "category", "image_source"]
-    for f, g, i, row in _iter_parquet_rows(files, cols):
-        split = row.get("category") or f.name.split("-")[0]
-        lab = row.get("answer")
-        rec = {"bench": "pope", "split": split, "question_id": row.get("question_id"),
-               "image": row.get("image_source"), "question": row.get("question"),
-               "label": lab.strip().lower() if isinstance(lab, str) else lab, "error": None,
-               "_ref": ("parquet", str(f), g, i)}
-        missing = [k for k in ("question", "label") if not rec[k]]
-        if missing:
-            rec["error"] = f"{f.name} row {i} of group {g}: missing field(s) {missing}"
-        elif rec["label"] not in ("yes", "no"):
-            rec["error"] = f"{f.name} row {i} of group {g}: label must be yes/no, got {lab!r}"
-        key = row.get("id") if row.get("id") is not None else row.get("question_id")
-        key = key if key is not None else f"{f.stem}:{g}:{i}"
-        rec["id"] = _unique(seen, f"pope/{split}/{key}")
-        records.append(rec)
-    return Dataset("pope", records, "parquet", {"files": [str(f) for f in files], "splits": _split_sizes(records)})
-
-
-# -------------------------------------------------------------------------------------------------- MME
-def _mme_task_dirs(root: Path) -> list[tuple[str, Path]]:
-    for base in [root] + sorted(p for p in root.iterdir() if p.is_dir()):
-        found = [(t, base / t) for t in MME_TASKS if (base / t).is_dir()]
-        if found:
-            return found
-    raise FileNotFoundError(f"MME: no subtask folders ({', '.join(MME_TASKS[:3])}, ...) in {root} or one level below")
-
-
-def _mme_folder(spec: DataSpec) -> Dataset:
-    root = Path(spec.path)
-    records, seen, sizes = [], {}, {}
-    for task, tdir in _mme_task_dirs(root):
-        if (tdir / "questions_answers_YN").is_dir():
-            qdir, idir = tdir / "questions_answers_YN", tdir / "images"
-        else:
-            qdir, idir = tdir, tdir
-        txts = sorted(qdir.glob("*.txt"))
-        for txt in txts:
-            stem = txt.stem
-            img = next((idir / (stem + e) for e in IMAGE_EXTS if (idir / (stem + e)).is_file()), None)
-            img_name = img.name if img else stem
-            try:
-                lines = [ln for ln in txt.read_text(encoding="utf-8-sig").replace("\r", "").split("\n") if ln.strip()]
-            except (OSError, UnicodeDecodeError) as e:
-                lines, file_err = [], f"{task}/{txt.name}: unreadable ({e})"
-            else:
-                file_err = None if lines else f"{task}/{txt.name}: no questions"
-            if file_err:
-                records.append({"id": _unique(seen, f"mme/{task}/{img_name}#0"), "bench": "mme", "split": task,
-                                "image": f"{task}/{img_name}", "question": None, "label": None,
-                                "error": file_err, "_ref": None})
-                continue
-            for k, line in enumerate(lines):
-                parts = line.split("\t")
-                rec = {"id": _unique(seen, f"mme/{task}/{img_name}#{k}"), "bench": "mme", "split": task,
-                       "image": f"{task}/{img_name}", "question": None, "label": None, "error": None,
-                       "_ref": ("path", str(img)) if img else None}
-                if len(parts) < 2 or not parts[0].strip():
-                    rec["error"] = f"{task}/{txt.name} line {k + 1}: expected 'question<TAB>Yes|No'"
-                else:
-                    rec["question"] = parts[0].strip()
-                    rec["label"] = parts[1].strip().lower()
-                    if rec["label"] not in ("yes", "no"):
-                        rec["error"] = f"{task}/{txt.name} line {k + 1}: answer must be Yes/No, got {parts[1]!r}"
-                    elif img is None:
-                        rec["error"] = f"{task}/{txt.name}: image {stem}.* not found in {idir}"
-                records.append(rec)
-                sizes[task] = sizes.get(task, 0) + 1
-    return Dataset("mme", records, "folder", {"root": str(root), "subtasks": sizes, "n_questions": len(records)})
-
-
-def _mme_parquet(spec: DataSpec) -> Dataset:
-    files = _parquet_files(Path(spec.path))
-    records, seen, sizes = [], {}, {}
-    for f, g, i, row in _iter_parquet_rows(files, ["question_id", "question", "answer", "category"]):
-        task = row.get("category")
-        qid = row.get("question_id")
-        lab = row.get("answer")
-        rec = {"bench": "mme", "split": task, "image": qid, "question": row.get("question"),
-               "label": lab.strip().lower() if isinstance(lab, str) else lab, "error": None,
-               "_ref": ("parquet", str(f), g, i)}
-        missing = [k for k, v in (("category", task), ("question_id", qid), ("question", rec["question"]),
-                                  ("answer", lab)) if not v]
-        if missing:
-            rec["error"] = f"{f.name} row {i} of group {g}: missing field(s) {missing}"
-        elif rec["label"] not in ("yes", "no"):
-            rec["error"] = f"{f.name} row {i} of group {g}: answer must be Yes/No, got {lab!r}"
-        elif task not in MME_TASKS:
-            rec["error"] = f"{f.name} row {i} of group {g}: unknown MME category {task!r}"
-        base = f"mme/{task}/{qid if qid else f'{f.stem}:{g}:{i}'}"
-        k = seen.get(base + "#", 0)
-        seen[base + "#"] = k + 1
-        rec["id"] = _unique(seen, f"{base}#{k}")
-        records.append(rec)
-        sizes[task] = sizes.get(task, 0) + 1
-    return Dataset("mme", records, "parquet", {"files": [str(f) for f in files], "subtasks": sizes,
-                                               "n_questions": len(records)})
-
-
-# -------------------------------------------------------------------------------------------------- CHAIR
-_COCO_ID = re.compile(r"(\d+)\.[A-Za-z]+$")
-
-
-def _chair_coco(spec: DataSpec, n_images: int | None, seed: int) -> Dataset:
-    root = Path(spec.path)
-    if spec.images:
-        img_dir = Path(spec.images)
-    else:
-        img_dir = next((c for c in (root / "val2014", root / "images" / "val2014", root / "images") if c.is_dir()),
-                       root)
-    files = sorted(p.name for p in img_dir.iterdir() if p.suffix.lower() in IMAGE_EXTS)
-    if not files:
-        raise FileNotFoundError(f"CHAIR: no images in {img_dir}")
-    total = len(files)
-    if n_images is not None and n_images < total:
-        picked = sorted(random.Random(seed).sample(range(total), n_images))
-        files = [files[i] for i in picked]
-    records = []
-    for name in files:
-        m = _COCO_ID.search(name)
-        rec = {"id": None, "bench": "chair", "split": None, "image": name, "image_id": int(m.group(1)) if m else None,
-               "question": None, "label": None, "error": None, "_ref": ("path", str(img_dir / name))}
-        if m is None:
-            rec["error"] = f"cannot parse a COCO image id from {name!r}"
-            rec["id"] = f"chair/{name}"
-        else:
-            rec["id"] = f"chair/{rec['image_id']}"
-        records.append(rec)
-    ann = spec.annotations or (str(root / "annotations") if (root / "annotations").is_dir() else None)
-    info = {"images": str(img_dir), "n_available": total, "n_images": n_images, "seed": seed,
-            "selection": "random.Random(seed).sample over the sorted file list",
-            "image_ids": [r["image_id"] for r in records], "annotations": ann, "gt": spec.gt}
-    return Dataset("chair", records, "coco", info)
-
-
 # -------------------------------------------------------------------------------------------------- entry
 def load_dataset(bench: str, spec: Any, protocol=None) -> Dataset:
-    """Load ``bench`` from ``spec`` (a path, a mapping or a :class:`DataSpec`); see the module docstring."""
-    spec = DataSpec.from_any(bench, spec)
-    layout = spec.layout if spec.layout != "auto" else _detect_layout(bench, Path(spec.path))
-    if bench == "pope":
-        if layout == "json":
-            return _pope_json(spec)
-        if layout == "parquet":
-            return _pope_parquet(spec)
-    elif bench == "mme":
-        if layout == "folder":
-            return _mme_folder(spec)
-        if layout == "parquet":
-            return _mme_parquet(spec)
-    elif bench == "chair":
-        if layout == "coco":
-            n = protocol.n_images if protocol is not None else 500
-            seed = protocol.seed if protocol is not None else 0
-            return _chair_coco(spec, n, seed)
-    else:
-        raise ConfigError(f"unknown benchmark {bench!r}; choose pope, mme or chair")
-    raise ConfigError(f"{bench}: unknown layout {layout!r}")
+    """Load ``bench`` from ``spec`` (a path, a mapping or a :class:`DataSpec`) with the registered benchmark's
+    loader (:meth:`vtoolkit.eval.benchmark.Benchmark.load`); ``protocol``: the resolved protocol (default: the
+    benchmark's defaults)."""
+    from vtoolkit.eval.benchmark import get_benchmark
+
+    b = get_benchmark(bench)
+    spec = DataSpec.from_any(b.name, spec)
+    layout = spec.layout if spec.layout != "auto" else b.detect_layout(Path(spec.path))
+    if layout not in b.layouts:
+        raise ConfigError(f"{b.name}: unknown layout {layout!r}; choose from {', '.join(b.layouts)}")
+    return b.load(spec, layout, protocol if protocol is not None else b.default_protocol())

@@ -8,6 +8,10 @@ benchmark's real format, so the loaders, runner and scorers see the same files t
 - :func:`make_mme_folder` -- the official ``MME_Benchmark_release_version`` layout (split and plain subtasks)
 - :func:`make_mme_parquet` -- the lmms-lab/MME parquet layout
 - :func:`make_coco` -- a COCO val2014 image folder + ``annotations/{instances,captions}_val2014.json``
+- :func:`make_hallusionbench` -- the official ``HallusionBench.json`` + ``hallusion_bench/<VD|VS>/<sub>/<set>_<fig>.png``
+  (VD and VS sets, original and edited figures, VS questions without a figure)
+- :func:`make_amber` -- the AMBER ``data/`` layout: ``query/query_discriminative.json``, ``annotations.json``
+  (generative entries first, as the real file) and ``image/AMBER_<n>.jpg``
 
 Parquet files carry the ``huggingface`` schema metadata (``image`` is an HF ``Image`` feature), so
 ``datasets.load_dataset("parquet", ...)`` -- and therefore lmms-eval -- decodes the images to PIL.
@@ -172,4 +176,69 @@ def make_coco(root, n_images: int = 6) -> Path:
         json.dumps({"images": images, "annotations": inst, "categories": COCO_CATEGORIES}), encoding="utf-8")
     (root / "annotations" / "captions_val2014.json").write_text(
         json.dumps({"images": images, "annotations": caps}), encoding="utf-8")
+    return root
+
+
+def make_hallusionbench(root, n_sets: int = 2) -> Path:
+    """``root/HallusionBench.json`` (the official keys) + ``root/hallusion_bench/...`` figures. Per set: a VD set
+    (figures 0 and 1, two questions each) and a VS set (the same two questions without a figure, then on figures 1
+    and 2), so fAcc / qAcc groups and image-free questions all occur."""
+    root = Path(root)
+    rows = []
+    for s_id in range(n_sets):
+        for cat, sub, figs in (("VD", "illusion", (0, 1)), ("VS", "chart", (0, 1, 2))):
+            for fig in figs:
+                visual = "0" if (cat == "VS" and fig == 0) else ("1" if fig <= 1 else "2")
+                name = None
+                if visual != "0":
+                    rel = Path("hallusion_bench") / cat / sub / f"{s_id}_{fig}.png"
+                    (root / rel).parent.mkdir(parents=True, exist_ok=True)
+                    _img(500 + 10 * s_id + fig + (5 if cat == "VS" else 0)).save(root / rel)
+                    name = f"./{rel.as_posix()}"
+                for q in range(2):
+                    obj = OBJECTS[(s_id + q) % len(OBJECTS)]
+                    art = "an" if obj[0] in "aeiou" else "a"
+                    yes = (s_id + fig + q) % 2 == 0
+                    rows.append({"category": cat, "subcategory": sub, "visual_input": visual, "set_id": str(s_id),
+                                 "figure_id": str(fig), "sample_note": "demo", "question_id": str(q),
+                                 "question": f"Is there {art} {obj} in the figure?",
+                                 "gt_answer_details": f"There is {'' if yes else 'no '}{obj}.",
+                                 "gt_answer": "1" if yes else "0", "filename": name})
+    (root).mkdir(parents=True, exist_ok=True)
+    (root / "HallusionBench.json").write_text(json.dumps(rows, indent=1), encoding="utf-8")
+    return root
+
+
+AMBER_TYPES = ("discriminative-hallucination", "discriminative-attribute-state", "discriminative-attribute-number",
+               "discriminative-attribute-action", "discriminative-relation")
+
+
+def make_amber(root, n_images: int = 3, n_generative: int = 2) -> Path:
+    """The AMBER ``data/`` layout under ``root``: ``annotations.json`` (``n_generative`` generative entries, then one
+    discriminative question per type and image, truth alternating yes/no), ``query/query_discriminative.json`` and
+    ``image/AMBER_<n>.jpg``. Returns ``root``."""
+    root = Path(root)
+    (root / "query").mkdir(parents=True, exist_ok=True)
+    (root / "image").mkdir(parents=True, exist_ok=True)
+    annotations, queries = [], []
+    for g in range(n_generative):
+        annotations.append({"id": g + 1, "type": "generative", "truth": ["dog"], "hallu": ["cat"]})
+    for i in range(n_images):
+        _img(700 + i).save(root / "image" / f"AMBER_{i + 1}.jpg")
+    k = 0
+    for i in range(n_images):
+        for t, kind in enumerate(AMBER_TYPES):
+            k += 1
+            qid = n_generative + k
+            obj = OBJECTS[(i + t) % len(OBJECTS)]
+            art = "an" if obj[0] in "aeiou" else "a"
+            text = {"discriminative-hallucination": f"Is there {art} {obj} in this image?",
+                    "discriminative-attribute-state": f"Is the {obj} red?",
+                    "discriminative-attribute-number": f"Are there two {obj}s in this image?",
+                    "discriminative-attribute-action": f"Is the {obj} running?",
+                    "discriminative-relation": f"Is the {obj} next to the table?"}[kind]
+            annotations.append({"id": qid, "type": kind, "truth": "yes" if k % 2 else "no"})
+            queries.append({"id": qid, "image": f"AMBER_{i + 1}.jpg", "query": text})
+    (root / "annotations.json").write_text(json.dumps(annotations, indent=1), encoding="utf-8")
+    (root / "query" / "query_discriminative.json").write_text(json.dumps(queries, indent=1), encoding="utf-8")
     return root

@@ -1,25 +1,13 @@
-"""Evaluation protocols: the prompt, generation settings and scoring rule of each benchmark, in one place.
+"""Evaluation protocols: the prompt, generation settings and scoring rule of a benchmark, as data.
 
-Defaults follow the protocols papers use (each default names its origin in ``source``):
+Each benchmark declares its defaults in its own module in ``vtoolkit/eval/benchmarks/`` (attribute
+``defaults``, each naming its origin in ``source``); this module holds the shared :class:`Protocol` and the override
+rules. Scoring follows ``vtoolkit score NAME`` exactly, defaults included: ``zero_division=None`` behaves like the
+rule's original script where it defines a value; where the original divides without a guard the metric is reported
+as *undefined* or the benchmark is left *not scored*, with the reason (each benchmark documents which);
+``--set NAME.zero_division=zero`` reports 0 instead.
 
-- **POPE**: the question + ``"\\nAnswer the question using a single word or phrase."`` (LLaVA-1.5's eval scripts and
-  lmms-eval's default), greedy, ``max_new_tokens=128`` (LLaVA / lmms-eval; OPERA uses 10), scored with the official
-  POPE rule (= LLaVA ``eval_pope.py``), per split plus the mean over splits.
-- **MME**: lmms-eval's default prompt: `` Please answer yes or no.`` is removed and
-  ``"\\nAnswer the question using a single word or phrase."`` appended; greedy, ``max_new_tokens=16``; official
-  ``calculation.py`` scoring (Perception /2000, Cognition /800).
-- **CHAIR**: ``"Please describe this image in detail."`` on 500 COCO val2014 images drawn with a seeded RNG from the
-  *sorted* file list (OPERA shuffles ``os.listdir``, which is not reproducible across machines); greedy,
-  ``max_new_tokens=512`` (OPERA's script; the short-caption setting uses 64); ``wordnet`` (OPERA) tokenizer profile.
-
-Scoring follows ``vtoolkit score`` exactly, defaults included: ``zero_division=None`` behaves like the rule's
-original script where it defines a value (lmms-eval, VLMEvalKit: 0); where the original divides without a guard and
-crashes (official POPE: precision when no answer is "yes"), the metric is reported as *undefined* (``null``, with a
-note) and the benchmark is still scored; for CHAIR (CHAIRi when no caption mentions an object) it leaves the benchmark
-*not scored*, with the reason. ``--set pope.zero_division=zero`` (``--zero-division zero`` for ``vtoolkit score``)
-reports 0 instead.
-
-Every field can be overridden (``--set pope.max_new_tokens=10``; names, types and ranges are checked), and the
+Every field can be overridden (``--set NAME.max_new_tokens=10``; names, types and ranges are checked), and the
 resolved protocol is written to each run's ``config.json``. :data:`SCORING_FIELDS` only change how predictions are
 scored, so a finished run can be re-scored with other values (``--resume``).
 """
@@ -32,14 +20,9 @@ from typing import Any
 
 from vtoolkit.config import ConfigError, check_field_types
 
-BENCHMARKS = ("pope", "mme", "chair")
-
 LLAVA_SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
 MME_SUFFIX = " Please answer yes or no."
 SCORING_FIELDS = ("scorer_rule", "zero_division", "source")
-RULES = {"pope": ("official", "opera", "vcd", "lmms_eval", "vlmevalkit"),
-         "mme": ("official", "lmms_eval", "vlmevalkit"),
-         "chair": ("wordnet", "pattern", "opera", "original", "synthetic")}   # synthetic: vtoolkit.data.synthetic
 
 
 @dataclass(frozen=True)
@@ -49,16 +32,16 @@ class Protocol:
     bench: str
     pre_prompt: str = ""
     post_prompt: str = ""
-    strip_suffix: str = ""            # removed from the question before pre/post prompts are added (MME)
-    fixed_question: str | None = None  # CHAIR: every image gets the same instruction
+    strip_suffix: str = ""            # removed from the question before pre/post prompts are added
+    fixed_question: str | None = None  # every image gets the same instruction (captioning)
     max_new_tokens: int = 128
     do_sample: bool = False
     num_beams: int = 1
     temperature: float | None = None
     scorer_rule: str = "official"
     zero_division: str | None = None    # None: as the rule's original script (may leave the bench not scored); zero
-    n_images: int | None = None         # CHAIR subset size (None: all)
-    seed: int = 0                       # CHAIR subset seed
+    n_images: int | None = None         # a seeded subset of images (None: all)
+    seed: int = 0                       # its seed
     source: str = ""                    # where the defaults come from, + "this run uses instead: k=v" (overrides)
     extra: dict = field(default_factory=dict)
 
@@ -92,36 +75,54 @@ class Protocol:
             bad.append(f"temperature must be > 0 (or null), got {self.temperature}")
         if self.n_images is not None and self.n_images < 1:
             bad.append(f"n_images must be >= 1 (or null for all), got {self.n_images}")
-        allowed = (None, "raise", "zero", "undefined") if self.bench == "pope" else (None, "raise", "zero")
+        from vtoolkit.eval.benchmark import get_benchmark
+
+        b = get_benchmark(self.bench)
+        allowed = b.zero_division
         if self.zero_division not in allowed:
             bad.append(f"zero_division must be null, {', '.join(a for a in allowed if a)}, got "
                        f"{self.zero_division!r}")
-        if self.bench in RULES and self.scorer_rule not in RULES[self.bench]:
-            bad.append(f"scorer_rule must be one of {', '.join(RULES[self.bench])}, got {self.scorer_rule!r}")
+        if self.scorer_rule not in b.rules:
+            bad.append(f"scorer_rule must be one of {', '.join(b.rules)}, got {self.scorer_rule!r}")
         if bad:
             raise ConfigError([f"{self.bench} protocol: {b}" for b in bad])
 
 
-DEFAULTS: dict[str, Protocol] = {
-    "pope": Protocol(bench="pope", post_prompt=LLAVA_SHORT_ANSWER, max_new_tokens=128, scorer_rule="official",
-                     source="LLaVA-1.5 eval / lmms-eval pope: short-answer prompt, greedy, 128 new tokens; "
-                            "official POPE evaluate.py parsing"),
-    "mme": Protocol(bench="mme", post_prompt=LLAVA_SHORT_ANSWER, strip_suffix=MME_SUFFIX, max_new_tokens=16,
-                    scorer_rule="official",
-                    source="lmms-eval mme default prompt, greedy, 16 new tokens; official eval_tool calculation.py"),
-    "chair": Protocol(bench="chair", fixed_question="Please describe this image in detail.", max_new_tokens=512,
-                      scorer_rule="wordnet", n_images=500, seed=0,
-                      source="OPERA chair_eval.py: 500 random COCO val2014 images, 'Please describe this image in "
-                             "detail.', greedy, 512 new tokens; OPERA (wordnet) CHAIR"),
-}
+class _Defaults(Mapping):
+    """``DEFAULTS[name]``: the default :class:`Protocol` of each registered benchmark (read from the registry)."""
+
+    def __getitem__(self, name: str) -> Protocol:
+        from vtoolkit.eval.benchmark import get_benchmark
+
+        if name not in self:
+            raise KeyError(name)
+        return get_benchmark(name).default_protocol()
+
+    def __iter__(self):
+        from vtoolkit.eval.benchmark import list_benchmarks
+
+        return iter(list_benchmarks())
+
+    def __len__(self) -> int:
+        from vtoolkit.eval.benchmark import list_benchmarks
+
+        return len(list_benchmarks())
+
+    def __contains__(self, name) -> bool:
+        from vtoolkit.eval.benchmark import list_benchmarks
+
+        return name in list_benchmarks()
+
+
+DEFAULTS: Mapping[str, Protocol] = _Defaults()
 
 
 def resolve_protocol(bench: str, overrides: Mapping[str, Any] | None = None) -> Protocol:
     """The default protocol of ``bench`` with ``overrides`` applied; unknown names, wrong types and out-of-range
     values raise :class:`~vtoolkit.config.ConfigError` naming the option (and the closest valid name)."""
-    if bench not in DEFAULTS:
-        raise ConfigError(f"unknown benchmark {bench!r}; choose from {', '.join(BENCHMARKS)}")
-    base = DEFAULTS[bench]
+    from vtoolkit.eval.benchmark import get_benchmark
+
+    base = get_benchmark(bench).default_protocol()
     if not isinstance(overrides, (Mapping, type(None))):
         raise ConfigError(f"{bench} protocol: expected option: value pairs, got {overrides!r}")
     overrides = dict(overrides or {})

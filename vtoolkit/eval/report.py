@@ -1,7 +1,7 @@
 """``vtoolkit report RUN_DIR...``: one table (Markdown + CSV) over run folders with deltas to the baseline, and plots.
 
-One row per (run, benchmark): the headline score (POPE mean F1, MME perception + cognition, CHAIRs), secondary
-metrics, mean visual tokens kept per sample, mean latency per sample, errors. The baseline of a row is the run with
+One row per (run, benchmark): the headline score and the secondary metrics each benchmark declares
+(:attr:`vtoolkit.eval.benchmark.Benchmark.metrics`), mean visual tokens kept per sample, mean latency per sample, errors. The baseline of a row is the run with
 method ``none`` on the same model and benchmark (the first one found); ``delta`` = score - baseline score,
 ``rel_score`` = score / baseline, ``speedup`` = baseline latency / latency, ``token_ratio`` = kept / baseline kept.
 
@@ -24,12 +24,21 @@ from typing import Any
 
 __all__ = ["build_table", "collect_runs", "write_report"]
 
-_SECONDARY = {
-    "pope": [("accuracy", ("average", "accuracy")), ("precision", ("average", "precision")),
-             ("recall", ("average", "recall")), ("yes_ratio", ("average", "pred_yes_ratio"))],
-    "mme": [("perception", ("perception",)), ("cognition", ("cognition",))],
-    "chair": [("CHAIRi", ("overall", "CHAIRi")), ("recall", ("overall", "Recall")), ("len", ("overall", "avg_len"))],
-}
+def _declared(bench: str):
+    """The registered benchmark ``bench``, or None for one that is not installed here (a run made with a plug-in):
+    its rows then show the headline only."""
+    from vtoolkit.config import ConfigError
+    from vtoolkit.eval.benchmark import get_benchmark
+
+    try:
+        return get_benchmark(bench)
+    except ConfigError:
+        return None
+
+
+def _secondary(bench: str):
+    b = _declared(bench)
+    return b.metrics if b is not None else ()
 
 
 def collect_runs(paths: Iterable[str | Path]) -> list[Path]:
@@ -121,7 +130,7 @@ def build_table(run_dirs: Sequence[str | Path]):
                    "latency_ms": (b["latency_s"] * 1e3) if isinstance(b.get("latency_s"), (int, float)) else None,
                    "n": b.get("n"), "n_errors": b.get("n_errors"), "score_error": b.get("score_error"),
                    "score_note": b.get("headline_note")}
-            for name, path in _SECONDARY.get(bench, []):
+            for name, path in _secondary(bench):
                 row[f"{bench}.{name}"] = _get(b, path)
             rows.append(row)
             settings.append(_settings(Path(rd), m, bench, b))
@@ -178,7 +187,7 @@ def to_markdown(df, columns: Sequence[str]) -> str:
             if c == "delta" and _num(v):
                 cells.append(f"{v:+.4g}")
             elif c == "score" and not _num(v) and isinstance(r.get("score_note"), str):
-                # scored, but the metric is undefined (POPE F1 when no answer is "yes")
+                # scored, but the metric is undefined (e.g. an F1 when no answer is "yes")
                 cells.append(_md_cell(f"n/a ({r['score_note'].removeprefix('undefined: ')})"))
             else:
                 cells.append(_md_cell(v))
@@ -188,10 +197,6 @@ def to_markdown(df, columns: Sequence[str]) -> str:
 
 MD_COLUMNS = ("run", "method", "options", "bench", "metric", "score", "delta", "rel_score", "visual_tokens",
               "token_ratio", "latency_ms", "speedup", "n", "n_errors")
-
-
-# the unit of each benchmark's headline score, for axis labels
-_UNITS = {"pope": "0-1", "mme": "points", "chair": "fraction of captions"}
 
 
 def place_labels(ax, points, fontsize: float = 7.0) -> list:
@@ -261,7 +266,7 @@ def _plot(df, bench: str, x: str, xlabel: str, path: Path) -> list:
                           linestyle="-" if len(grp) > 1 else "none", label="baseline" if method == "none" else method)
         labels += [(r[x], r["score"], r["options"], line.get_color()) for _, r in grp.iterrows() if r["options"] != "-"]
     ax.set_xlabel(xlabel)
-    unit = _UNITS.get(bench)
+    unit = _declared(bench).unit if _declared(bench) is not None else None
     ax.set_ylabel(f"{metric} [{unit}]" if unit else metric)
     ax.set_title(f"{bench}: {metric} vs {xlabel}", fontsize=9)
     ax.grid(alpha=0.3)

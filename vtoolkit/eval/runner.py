@@ -8,8 +8,8 @@ Run folder (``RUN_DIR``)::
     predictions/<bench>.jsonl   one JSON object per sample, in dataset order once the run is complete
     metrics.json           scores per benchmark (``status`` scored / not_scored, ``score_error`` says why) + a
                            summary (visual tokens kept, latency, errors) and the settings a report compares
-    mme_results/<task>.txt      MME answers in the official eval-tool format (image, question, GT, response)
-    chair_captions.jsonl        CHAIR captions in the OPERA / Maxlinn format ({"image_id", "caption"})
+    ...                    what the benchmark's scorer writes for the original scripts (its ``artifacts``, e.g.
+                           answers in an official eval-tool format)
 
 Nothing is lost:
 
@@ -41,13 +41,15 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from vtoolkit.config import ConfigError
-from vtoolkit.eval.datasets import Dataset, DataSpec, load_dataset, open_image, public_record
-from vtoolkit.eval.protocol import BENCHMARKS, SCORING_FIELDS, Protocol, resolve_protocol
+from vtoolkit.eval.benchmark import all_artifacts, get_benchmark, list_benchmarks
+from vtoolkit.eval.datasets import Dataset, DataSpec, is_text_only, load_dataset, open_image, public_record
+from vtoolkit.eval.datasets import write_jsonl_atomic as _write_jsonl_atomic
+from vtoolkit.eval.protocol import SCORING_FIELDS, Protocol, resolve_protocol
 
 __all__ = [
     "EvalConfig",
@@ -224,15 +226,6 @@ def read_predictions(path: str | Path, repair: bool = False, dropped: list | Non
     return rows
 
 
-def _write_jsonl_atomic(path: Path, rows: Iterable[Mapping]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def _write_json(path: Path, obj: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
@@ -351,7 +344,7 @@ def run_benchmark(model, processor, handle, dataset: Dataset, protocol: Protocol
         first = next((r for r in mine if r.get("error") is None), None)
         if first is not None:
             try:
-                _generate(model, processor, adapter, handle, [open_image(first)],
+                _generate(model, processor, adapter, handle, [_image_of(first)],
                           [protocol.build_question(first.get("question"))], {**gen_kwargs, "max_new_tokens": 2})
             except Exception:  # noqa: BLE001 - the real pass records the error on the row
                 pass
@@ -389,6 +382,13 @@ def _base_row(rec: Mapping, protocol: Protocol) -> dict:
     return row
 
 
+def _image_of(rec: Mapping):
+    """What ``adapter.prepare_inputs`` takes for ``rec``: its image, or no image (``[]``) for a text-only record,
+    which is then prompted without image placeholders in the same batch as the others."""
+    im = open_image(rec)
+    return [] if im is None else im
+
+
 def _run_batch(model, processor, adapter, handle, chunk, protocol, gen_kwargs) -> list[dict]:
     rows: dict[str, dict] = {}
     ok, images = [], []
@@ -400,7 +400,7 @@ def _run_batch(model, processor, adapter, handle, chunk, protocol, gen_kwargs) -
         if rec.get("error") is not None:
             continue
         try:
-            images.append(open_image(rec))
+            images.append(_image_of(rec))
             ok.append(rec)
         except Exception as e:  # noqa: BLE001 - any unreadable image is a bad row, never fatal
             row["error"] = f"unreadable image: {type(e).__name__}: {e}"
@@ -525,8 +525,8 @@ def score_benchmark(bench: str, rows: Sequence[dict], protocol: Protocol, datase
                     out_dir: str | Path | None = None) -> dict:
     """Scores of one benchmark from its prediction rows (errors left out and counted).
 
-    With ``dataset`` every row is first checked against the sample it claims to answer, and POPE takes its labels
-    from the dataset, aligned with the answers by sample id. A benchmark that cannot be scored gets ``headline:
+    With ``dataset`` every row is first checked against the sample it claims to answer (the benchmark's scorer may
+    take its labels from the dataset, aligned with the answers by sample id). A benchmark that cannot be scored gets ``headline:
     None``, ``status: "not_scored"`` and ``score_error`` (the reason, naming the ``--set`` option that changes it)."""
     from vtoolkit.eval.scorers._io import with_flags
 
@@ -538,12 +538,7 @@ def score_benchmark(bench: str, rows: Sequence[dict], protocol: Protocol, datase
                              "no predictions to score")
         if dataset is not None:
             _check_against_dataset(valid, dataset)
-        if bench == "pope":
-            res.update(_score_pope(valid, protocol, dataset))
-        elif bench == "mme":
-            res.update(_score_mme(valid, protocol, out_dir))
-        elif bench == "chair":
-            res.update(_score_chair(valid, protocol, dataset, out_dir))
+        res.update(get_benchmark(bench).score(valid, protocol, dataset, out_dir))
         res["status"] = "scored"
     except Exception as e:  # noqa: BLE001 - a scoring problem must not lose the predictions
         res["score_error"] = with_flags(f"{type(e).__name__}: {e}",
@@ -566,107 +561,9 @@ def run_problems(metrics: Mapping) -> tuple[list[str], list[str]]:
             errors.append(f"{b}: not scored: {m.get('score_error')}" + (f"; {rows}" if rows else ""))
         elif rows:
             warnings.append(f"{b}: {rows}; scored over the other {m['n_scored']}")
-        if m.get("headline_note"):   # scored, but the headline metric is undefined (POPE F1 with no "yes" answer)
+        if m.get("headline_note"):   # scored, but the headline metric is undefined (e.g. an F1 with no "yes" answer)
             warnings.append(f"{b}: {m.get('headline_name')} {m['headline_note']}")
     return errors, warnings
-
-
-def _score_pope(valid, protocol, dataset) -> dict:
-    from vtoolkit.eval.scorers.pope import score_pope_splits
-
-    answers: dict[str, tuple[list, list]] = {}
-    for r in valid:   # the answers, in the order the predictions file holds them
-        a = answers.setdefault(str(r.get("split")), ([], []))
-        a[0].append(r["prediction"])
-        a[1].append(r["id"])
-    labels: dict[str, tuple[list, list]] = {}
-    ids = {r["id"] for r in valid}
-    for r in (dataset.records if dataset is not None else valid):   # the gold labels, in dataset order
-        if r["id"] in ids:
-            lab = labels.setdefault(str(r.get("split")), ([], []))
-            lab[0].append(r["label"])
-            lab[1].append(r["id"])
-    if set(answers) != set(labels):
-        raise ValueError(f"POPE splits of the predictions {sorted(answers)} differ from the data's {sorted(labels)}")
-    splits = {s: (answers[s][0], labels[s][0], answers[s][1], labels[s][1]) for s in labels}
-    rep = score_pope_splits(splits, protocol.scorer_rule, zero_division=protocol.zero_division)
-    d = rep.to_dict()
-    out = {"splits": d["splits"], "average": d["average"], "headline": d["average"]["f1"],
-           "headline_name": pope_headline_name(list(labels), _data_splits(dataset) or list(labels)),
-           "splits_scored": list(labels), "higher_is_better": True}
-    if out["headline"] is None:   # scored; F1 undefined (no "yes" answer): say so instead of a number
-        out["headline_note"] = d["average"]["notes"].get("f1", "undefined")
-    return out
-
-
-def _data_splits(dataset) -> list[str]:
-    """The POPE splits of the data (before any ``--limit``), in the data's order."""
-    if dataset is None:
-        return []
-    sizes = dataset.info.get("splits") or {}
-    return [str(s) for s in sizes] or list(dict.fromkeys(str(r.get("split")) for r in dataset.records))
-
-
-def pope_headline_name(scored: Sequence[str], data_splits: Sequence[str]) -> str:
-    """The name of the POPE headline: ``POPE F1 (mean over splits)`` when every split of the data was scored, else
-    which were: ``POPE F1 (mean over 1 of 3 splits: coco_pope_random)`` (a ``--limit`` smaller than the number of
-    splits, or a split whose every row failed), so a summary never claims more than it measured."""
-    missing = [s for s in data_splits if s not in scored]
-    if not missing:
-        return "POPE F1 (mean over splits)"
-    total = len(set(data_splits) | set(scored))
-    return f"POPE F1 (mean over {len(scored)} of {total} splits: {', '.join(scored)})"
-
-
-def _one_line(s: str) -> str:
-    return " ".join((s or "").replace("\t", " ").split())
-
-
-def _score_mme(valid, protocol, out_dir) -> dict:
-    from vtoolkit.eval.scorers.mme import MMEItem, score_mme
-
-    by_img: dict[tuple, list] = {}
-    for r in valid:
-        by_img.setdefault((r["split"], r["image"]), []).append(r)
-    tasks: dict[str, list] = {}
-    dropped = []
-    for (task, img), rs in by_img.items():
-        if len(rs) != 2:  # the partner question had an error: the image cannot be scored (acc+ needs both)
-            dropped.append(f"{task}/{img}")
-            continue
-        for r in rs:
-            tasks.setdefault(task, []).append(MMEItem(image=str(img).split("/")[-1], question=r["question"],
-                                                      gt=r["label"], response=_one_line(r["prediction"])))
-    if out_dir is not None:
-        d = Path(out_dir) / "mme_results"
-        d.mkdir(parents=True, exist_ok=True)
-        for task, items in tasks.items():
-            (d / f"{task}.txt").write_text("".join(f"{it.image}\t{it.question}\t{it.gt.capitalize()}\t{it.response}\n"
-                                                   for it in items), encoding="utf-8")
-    res = score_mme(tasks, protocol.scorer_rule).to_dict()
-    return {**res, "dropped_images": dropped, "headline": res["perception"] + res["cognition"],
-            "headline_name": "MME total (perception + cognition)", "higher_is_better": True}
-
-
-def _score_chair(valid, protocol, dataset, out_dir) -> dict:
-    from vtoolkit.eval.scorers import chair as chair_mod
-
-    caps = [{"image_id": r["image_id"], "caption": r["prediction"]} for r in valid]
-    if out_dir is not None:
-        _write_jsonl_atomic(Path(out_dir) / "chair_captions.jsonl", caps)
-    info = dataset.info if dataset is not None else {}
-    variant = {"wordnet": "opera", "pattern": "original"}.get(protocol.scorer_rule, protocol.scorer_rule)
-    if info.get("gt"):
-        gt = chair_mod.load_gt(info["gt"])
-    elif info.get("annotations"):
-        gt = chair_mod.build_gt_from_coco(info["annotations"], variant=variant)
-    else:
-        raise FileNotFoundError("CHAIR needs ground truth: a COCO annotations folder (--set data.chair.annotations=DIR)"
-                                " or a prebuilt {image_id: [objects]} file (--set data.chair.gt=FILE)")
-    res = chair_mod.score_chair(caps, gt, variant, zero_division=protocol.zero_division)
-    ov = res.overall
-    return {"variant": res.variant, "overall": ov, "headline": ov["CHAIRs"],
-            "headline_name": "CHAIRs (lower is better)", "higher_is_better": False}
 
 
 # ------------------------------------------------------------------------------------------------------ orchestration
@@ -683,7 +580,7 @@ _NAMES = {"model": "model", "method": "method", "method_options": "method_option
           "dtype": "dtype", "seed": "seed", "attn_implementation": "attn_implementation", "device_map": "device_map",
           "out": "out", "resume": "resume=True", "overwrite": "overwrite=True"}
 _STARTED = time.time()   # ranks of one data-parallel run start together; see _earlier_results
-_ARTIFACTS = ("config.json", "env.json", "metrics.json", "chair_captions.jsonl", "predictions", "mme_results")
+_RUN_FILES = ("config.json", "env.json", "metrics.json", "predictions")   # + each benchmark's artifacts
 _SHARD = re.compile(r"\.rank(\d+)\.jsonl$")
 
 
@@ -732,15 +629,16 @@ def resolve_config(*, model: str, method: str = "none", method_options: Mapping 
     benches = [str(b).strip() for b in ([benchmarks] if isinstance(benchmarks, str) else benchmarks or [])]
     benches = [b for part in benches for b in part.split(",") if b.strip()]
     if not benches:
-        c.problems.append(f"{n['benchmarks']}: no benchmark given; choose from {', '.join(BENCHMARKS)}")
+        c.problems.append(f"{n['benchmarks']}: no benchmark given; choose from {', '.join(list_benchmarks())}")
     for b in dict.fromkeys(benches):
-        if b not in BENCHMARKS:
-            c.problems.append(f"{n['benchmarks']}: unknown benchmark {b!r}; choose from {', '.join(BENCHMARKS)}")
+        if b not in list_benchmarks():
+            with c.check(f"{n['benchmarks']}: "):
+                get_benchmark(b)   # the error names the registered ones and the closest
         elif benches.count(b) > 1:
             c.problems.append(f"{n['benchmarks']}: {b!r} is listed twice")
     data = data if isinstance(data, Mapping) else {}
     specs = {}
-    for b in dict.fromkeys(x for x in benches if x in BENCHMARKS):
+    for b in dict.fromkeys(x for x in benches if x in list_benchmarks()):
         if b not in data:
             c.problems.append(f"{n['data']}: no data given for {b!r} (its folder or file, e.g. {b}=/data/{b})")
             continue
@@ -749,13 +647,10 @@ def resolve_config(*, model: str, method: str = "none", method_options: Mapping 
             missing = specs[b].missing_paths()
             if missing:
                 raise ConfigError([f"{b} {m}: no such file or folder" for m in missing])
-            if b == "chair" and not (specs[b].gt or specs[b].annotations
-                                     or (Path(specs[b].path) / "annotations").is_dir()):
-                raise ConfigError(f"chair: no ground truth for scoring: give a COCO annotations folder "
-                                  f"(annotations=DIR, default {Path(specs[b].path) / 'annotations'}) or gt=FILE")
+            get_benchmark(b).check_data(specs[b])
     po = protocol_overrides if isinstance(protocol_overrides, Mapping) else {}
     protocols = {}
-    for b in dict.fromkeys([*po, *(x for x in benches if x in BENCHMARKS)]):
+    for b in dict.fromkeys([*po, *(x for x in benches if x in list_benchmarks())]):
         with c.check(f"{n['protocol']}: "):
             p = resolve_protocol(b, po.get(b))
             if b in benches:
@@ -811,7 +706,7 @@ def _earlier_results(out: Path, rank: int, world: int) -> list[Path]:
     """Files of an earlier run in the run folder ``out``. With several ranks, files another rank of this run wrote
     after this process started are this run's (ranks are launched together); a rank's own shard is always earlier."""
     files: list[Path] = []
-    for name in _ARTIFACTS:
+    for name in _RUN_FILES + all_artifacts():
         p = out / name
         files += sorted(f for f in p.iterdir() if f.is_file()) if p.is_dir() else [p] if p.is_file() else []
     if world == 1:
@@ -966,7 +861,7 @@ def check_method_on_model(model, processor, method: str, options: Mapping | None
     config = spec.config_cls(**dict(options or {}))
     spans = []
     for dataset, protocol in data:
-        first = next((r for r in dataset.records if r.get("error") is None), None)
+        first = next((r for r in dataset.records if r.get("error") is None and not is_text_only(r)), None)
         if first is None:
             continue
         try:

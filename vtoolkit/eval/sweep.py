@@ -2,16 +2,16 @@
 
 Sweep file (YAML, ``safe_load``)::
 
-    name: fastervlm_pope              # output folder name (default: the file stem)
+    name: fastervlm_yesno             # output folder name (default: the file stem)
     model: tiny:llava                 # or a local checkpoint path / hub id
     dtype: auto                       # optional: auto | float16 | bfloat16 | float32
     device_map: null                  # optional, e.g. auto
-    benchmarks: [pope]
-    data: {pope: /data/pope/coco}     # per benchmark: a path or {path, images, annotations, gt, layout}
-    protocol: {pope: {max_new_tokens: 10}}   # optional protocol overrides per benchmark
+    benchmarks: [BENCH]               # registered names (vtoolkit list --benchmarks)
+    data: {BENCH: /data/BENCH}        # per benchmark: a path or {path, images, annotations, gt, layout}
+    protocol: {BENCH: {max_new_tokens: 10}}   # optional protocol overrides per benchmark
     limit: null
     batch_size: 8
-    out: runs/fastervlm_pope          # optional (default runs/<name>)
+    out: runs/fastervlm_yesno         # optional (default runs/<name>)
     prepare: python make_data.py      # optional: the command that writes ``data``; named when a data path is missing
     methods:
       - method: fastervlm

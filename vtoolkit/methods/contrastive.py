@@ -189,6 +189,18 @@ class ContrastiveDecoding(Method):
         prefill arguments."""
         raise NotImplementedError
 
+    def unchanged_rows(self, ctx, kwargs, n: int):
+        """The contrast rows of a call whose prompts hold no image: the prompt itself. A row without visual tokens
+        has nothing to contrast, so its contrast row equals its main row (as for a text-only row in a batch with
+        image rows); the result is the stock greedy token (``(1 + a) l - a l = l``, and the cutoff keeps the
+        argmax)."""
+        emb = kwargs["inputs_embeds"][:, :n]
+        mask = ctx.inputs.get("attention_mask")
+        valid = (mask[:, :n].bool().to(emb.device) if mask is not None and mask.dim() == 2
+                 else torch.ones(emb.shape[:2], dtype=torch.bool, device=emb.device))
+        pos = ctx.rope_positions()[..., :n].to(emb.device) if self.adapter.position_kind == "mrope" else None
+        return emb, valid, pos
+
     def _lm_pre(self, module, args, kwargs):
         ctx = self.ctx
         if in_side_stream(self.adapter.model):

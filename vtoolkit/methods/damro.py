@@ -112,9 +112,8 @@ class DAMRO(ContrastiveDecoding):
         super().install(hooks, ctx)
 
     def contrast_rows(self, ctx, kwargs, n):
-        if not ctx.has_visual:
-            raise ValueError("damro contrasts with the image's outlier tokens, but this call's prompt has no image "
-                             "(no image tokens, no pixel_values); run text-only prompts without the handle")
+        if not ctx.has_visual:   # text-only prompts (e.g. image-free benchmark questions): nothing to contrast
+            return self.unchanged_rows(ctx, kwargs, n)
         ids = ctx.inputs["input_ids"][:, :n]
         sel = select_top(ctx, self.scores.by_image(ctx), self.config.outliers, per_crop=True, newlines="last",
                          order=self.config.order)

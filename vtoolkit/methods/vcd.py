@@ -93,9 +93,8 @@ class VCD(ContrastiveDecoding):
         return noised
 
     def contrast_rows(self, ctx, kwargs, n):
-        if not ctx.has_visual:
-            raise ValueError("vcd contrasts with a noised copy of the image, but this call's prompt has no image "
-                             "(no image tokens, no pixel_values); run text-only prompts without the handle")
+        if not ctx.has_visual:   # text-only prompts (e.g. image-free benchmark questions): nothing to contrast
+            return self.unchanged_rows(ctx, kwargs, n)
         inputs = ctx.inputs
         noised = self.noised_pixels(inputs)
         names = ("image_sizes", "image_grid_thw", "batch_num_images")

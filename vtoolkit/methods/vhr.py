@@ -192,6 +192,10 @@ class VHR(Method):
                 if self._a_main is None or self._a_main[0] != i:
                     return None                       # another method's side rows: not ours to touch
                 vhd, sel = head_selection(self._a_main[1], heads[:, -1])
+                # a row without visual tokens (a text-only prompt batched with image prompts) has no vision-aware
+                # head: its two streams are the same prompt, and VHD there is only the rounding of different padding
+                seen = (self.ctx.inputs["input_ids"] == self.adapter.image_token_id).any(1).to(vhd.device)
+                vhd, sel = vhd * seen[:, None], sel & seen[:, None]
                 self.vhd[i], self.selected[i] = vhd, sel
                 self.ctx.mark(f"vhr:select{i}")
             else:
