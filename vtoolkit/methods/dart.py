@@ -1,6 +1,6 @@
 """DART: Duplication-Aware Reduction of Tokens (Wen et al., EMNLP 2025, arXiv 2502.11494, ``ZichenWen1/DART``).
 
-Algorithm (official code, ``docs/methods-next.md`` Part B section 2): at prefill, before decoder layer ``K`` runs
+Algorithm (official code, docs/methods.md section 7.5): at prefill, before decoder layer ``K`` runs
 (default 2), take from layer ``K - 1``
 
 - its post-RoPE keys: the L1 norm of each token's key over all heads picks the **pivots**, the ``image_pivots`` image
