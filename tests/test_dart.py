@@ -290,3 +290,25 @@ def test_flash_mask_contract():
             flash = model.generate(**batch, **GEN)
             assert _lists(h.stats["kept_indices"]) == _lists(kept)
     assert torch.equal(flash, sdpa)
+
+
+@torch.no_grad()
+def test_bench_oracle_computes_what_dart_computes():
+    """``vtoolkit bench``'s oracle row for dart (stock layers, the first K on the full sequence, then the kept rows at
+    their original positions) gives DART's prefill logits."""
+    from vtoolkit.bench import midsize
+    from vtoolkit.bench import oracle as O
+    from vtoolkit.bench.run import make_batch
+
+    model, proc = midsize.tiny_shape()
+    batch = make_batch(model, proc, 2)
+    with vt.apply_method(model, "dart", keep_tokens=16) as h:
+        want = model(**batch).logits[:, -1]
+        stats = h.stats
+    assert stats["visual_tokens_after"] == [4 + 16, 4 + 16]
+    gen, decodes = O.build(model, batch, "dart", stats)
+    assert not decodes
+    keep_idx = torch.stack(O.kept_positions(model, batch, stats))
+    got = O.midstack_forward(model, O.merged_embeds(model, batch), stats["layer"], keep_idx)[:, -1]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    gen(1)
