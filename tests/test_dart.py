@@ -312,3 +312,24 @@ def test_bench_oracle_computes_what_dart_computes():
     got = O.midstack_forward(model, O.merged_embeds(model, batch), stats["layer"], keep_idx)[:, -1]
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     gen(1)
+
+
+@torch.no_grad()
+def test_qwen3_vl_removal_before_the_last_deepstack_layer():
+    """K=1 on Qwen3-VL (DeepStack features added after layers 0 and 1): the kept rows get their own features after
+    the removal; padded batch == singles, cache == recompute."""
+    model, proc, adapter = tiny_model("qwen3_vl")
+    assert adapter.num_deepstack == 2
+    sizes = [(160, 120), (200, 100), (120, 120)]
+    qs = ["Is there a dog?", "Describe this image in detail, please, with every object you see.", "Cat?"]
+    batch = adapter.prepare_inputs(proc, [demo_image(i, s) for i, s in enumerate(sizes)], qs)
+    n = batch["input_ids"].shape[1]
+    with vt.apply_method(model, "dart", K=1, keep_ratio=0.5, image_pivots=2, text_pivots=2) as h:
+        out = model.generate(**batch, **GEN)
+        assert all(a < b for a, b in zip(h.stats["visual_tokens_after"], h.stats["visual_tokens_before"]))
+        assert torch.equal(model.generate(**batch, **GEN, use_cache=False), out)
+        for i in range(3):
+            one = adapter.prepare_inputs(proc, [demo_image(i, sizes[i])], [qs[i]])
+            single = model.generate(**one, **GEN)
+            assert_same_continuation(out[i, n:], single[0, one["input_ids"].shape[1]:], proc.tokenizer.pad_token_id,
+                                     f"sample {i}")
