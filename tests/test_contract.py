@@ -24,6 +24,7 @@ CASES = {
     "fastervlm": ({"keep_ratio": 1.0}, {"keep_ratio": 0.3}, True),
     "random": ({"keep_ratio": 1.0}, {"keep_ratio": 0.3, "seed": 3}, True),
     "fastv": ({"keep_ratio": 1.0}, {"K": 2, "keep_ratio": 0.5}, False),
+    "dart": ({"keep_ratio": 1.0}, {"K": 2, "keep_ratio": 0.3, "image_pivots": 2, "text_pivots": 2}, True),
     "dyvte": ({"exit_layer": -1}, {"exit_layer": 1}, True),
     "vhr": ({"alpha": 1.0}, {"alpha": 2.5}, True),
     "damro": ({"alpha": 0.0, "beta": 0.0}, {"alpha": 1.0, "beta": 0.1, "topk": 3, "topk_rule": "fixed"}, True),

@@ -76,6 +76,7 @@ def test_registered_mitigation_methods_join_the_demo(broken_method):
     settings = demo_settings()
     assert settings[0] == ("none", {})
     assert [m for m, _ in settings].count("fastervlm") == 3 and ("fastv", {}) in settings
+    assert settings.index(("dart", {})) == settings.index(("fastv", {})) + 1
     assert (broken_method, {}) in settings
 
 

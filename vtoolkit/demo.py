@@ -66,6 +66,7 @@ def demo_settings() -> list[tuple[str, dict]]:
     settings += [("fastervlm", {"keep_ratio": r}) for r in KEEP_RATIOS]
     settings += [("random", {"keep_ratio": r}) for r in KEEP_RATIOS]
     settings.append(("fastv", {}))
+    settings.append(("dart", {}))
     listed = {m for m, _ in settings}
     rows = [r for r in vt.list_methods() if r["name"] not in listed and r["kind"] in ("prune", "mitigate")
             and ("llava" in r["architectures"] or "*" in r["architectures"])]

@@ -23,6 +23,7 @@ _BUILTIN_METHOD_MODULES = (
     "vtoolkit.methods.none",
     "vtoolkit.methods.fastervlm",
     "vtoolkit.methods.fastv",
+    "vtoolkit.methods.dart",
     "vtoolkit.methods.random_prune",
     "vtoolkit.methods.dyvte",
     "vtoolkit.methods.vhr",

@@ -1,4 +1,4 @@
-"""vtoolkit_core: the selection rules of vtoolkit's pre-LLM pruners, in pure torch (no transformers, no hooks).
+"""vtoolkit_core: the selection rules of vtoolkit's pruners (pre-LLM, and DART's in-LLM rule), in pure torch (no transformers, no hooks).
 
 One definition of each rule, imported by vtoolkit's Hugging Face path (``vtoolkit.hooks.vision_scores``,
 ``vtoolkit.methods.prune_base``, ``vtoolkit.methods.random_prune``) and by the vLLM plugin
@@ -12,7 +12,10 @@ Only torch and the standard library may be imported here.
 from vtoolkit_core.selection import (
     budget,
     cls_attention,
+    dart_per_pivot,
+    dart_select,
     image_seed,
+    key_l1_norms,
     merge_mean,
     random_scores,
     received_attention,
@@ -20,5 +23,5 @@ from vtoolkit_core.selection import (
     top_k_raster,
 )
 
-__all__ = ["budget", "cls_attention", "image_seed", "merge_mean", "random_scores", "received_attention", "top_k",
-           "top_k_raster"]
+__all__ = ["budget", "cls_attention", "dart_per_pivot", "dart_select", "image_seed", "key_l1_norms", "merge_mean",
+           "random_scores", "received_attention", "top_k", "top_k_raster"]

@@ -11,7 +11,7 @@ callable that :func:`vtoolkit.bench.run.run_bench` times exactly as it times the
   CLS, the stock projector, scattered into the stock token embeddings;
 - pre-LLM pruners (``fastervlm``, ``random``): those embeddings gathered at the kept positions (contiguous
   positions, LLaVA's policy) into stock ``generate(inputs_embeds=..., attention_mask=...)``;
-- mid-stack pruners (``fastv``, ``dyvte``): prefill only -- a forward loop over the stock decoder layers, the first
+- mid-stack pruners (``fastv``, ``dyvte``, ``dart``): prefill only -- a forward loop over the stock decoder layers, the first
   ``K`` on the full sequence, the rest on the kept rows' hidden states with their original RoPE positions, then the
   final norm and the LM head on the last position (no cache is kept: the decode cells stay empty);
 - ``vcd``: stock ``generate`` over the 2B rows (each prompt twice; the second copy's pixels are the same tensor as the
@@ -33,6 +33,7 @@ import torch
 
 ORACLE_METHODS = {"fastervlm": "pre_llm", "random": "pre_llm", "fastv": "midstack", "dyvte": "midstack",
                   "vcd": "vcd", "vhr": "vhr", "damro": "damro"}
+ORACLE_METHODS["dart"] = "midstack"   # like FastV: K full layers, then the kept rows at their original positions
 
 
 def _adapter(model):

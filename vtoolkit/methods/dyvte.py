@@ -371,7 +371,7 @@ class DyVTE(Method):
         ctx = getattr(self, "ctx", None)
         if self._call is None or ctx is None or ctx.inputs.get("input_ids") is None:
             return {}
-        from vtoolkit.bench.flops import llm_layer_flops
+        from vtoolkit.models.flops import llm_layer_flops
 
         a, L = self.adapter, self.adapter.num_layers
         rows = ctx.sample_rows

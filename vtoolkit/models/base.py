@@ -156,6 +156,11 @@ class ModelAdapter:
     def lm_head(self) -> torch.nn.Module:
         return self.model.lm_head
 
+    @property
+    def final_norm(self) -> torch.nn.Module:
+        """The language model's norm after its last decoder layer (before the LM head)."""
+        return self.language_model.norm
+
     # -- vision side ------------------------------------------------------------------------------------------------
     @property
     def vision_tower(self) -> torch.nn.Module:
