@@ -64,6 +64,31 @@ def test_llava_onevision_score_is_received_attention_packed_by_hf():
     assert _kept(h) == want
 
 
+@torch.no_grad()
+def test_llava_onevision_two_images_in_one_prompt_are_pruned_per_image():
+    """Several images in one prompt: HF gives each only its base crop (no tiles) and one image_newline after it;
+    FasterVLM keeps round(0.3 * 16) patches of EACH image, by that image's own received attention (stock SigLIP
+    attention of its crop), plus its newline; a padded batch holding that prompt gives the prompt alone's logits."""
+    model, proc, adapter = tiny_model("llava_onevision")
+    images = [demo_image(1, (200, 100)), demo_image(7, (100, 150))]
+    two = adapter.prepare_inputs(proc, [images], ["Describe both images."])
+    assert two["pixel_values"].shape[0] == 2                       # one entry per image
+    with attn_implementation(model.config.vision_config, "eager"):
+        out = model.model.vision_tower(pixel_values=two["pixel_values"][:, 0], output_attentions=True)
+    recv = out.attentions[-1].mean(1).mean(1)                      # [images, 16]: mean over heads and queries
+    n = recv.shape[1]
+    k = int(0.3 * n + 0.5)
+    with vt.apply_method(model, "fastervlm", keep_ratio=0.3) as h:
+        got = model(**two).logits[0, -1]
+        kept = [i.tolist() for i in h.stats["kept_indices"][0]]
+        after = h.stats["visual_tokens_after"]
+        batch = adapter.prepare_inputs(proc, [demo_image(0, (160, 120)), images], ["Cat?", "Describe both images."])
+        batched = model(**batch).logits[1, -1]
+    assert kept == [sorted(torch.topk(recv[i], k).indices.tolist()) + [n] for i in range(2)]   # + the newline
+    assert after == [2 * (k + 1)]
+    torch.testing.assert_close(batched, got, rtol=0, atol=1e-4)
+
+
 def _qwen3_received(model, adapter, batch):
     """Per merged token: the mean attention its 2x2 patches receive in the last ViT block (from the stock q / k)."""
     from transformers import AttentionInterface

@@ -44,7 +44,7 @@ from vtoolkit.compat import cache_length, get_cache, output_cache, support_hint
 from vtoolkit.hooks.sidestream import in_side_stream
 
 _CAPTURED = ("input_ids", "attention_mask", "position_ids", "image_sizes", "image_grid_thw", "video_grid_thw",
-             "mm_token_type_ids", "pixel_values", "pixel_values_videos", "labels")
+             "mm_token_type_ids", "pixel_values", "pixel_values_videos", "labels", "batch_num_images")
 _ROWWISE = ("input_ids", "attention_mask", "mm_token_type_ids", "labels")   # [B, L] tensors repeated by expansion
 
 

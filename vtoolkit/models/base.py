@@ -69,6 +69,7 @@ class ModelAdapter:
     has_cls: ClassVar[bool] = True
     vision_config_key: ClassVar[str] = "vision_config"
     text_config_key: ClassVar[str] = "text_config"
+    nested_images: ClassVar[bool] = False        # prepare_inputs hands the processor one image list per sample
 
     def __init__(self, model: torch.nn.Module):
         self.wrapper = model
@@ -282,7 +283,8 @@ class ModelAdapter:
         old = tok.padding_side
         tok.padding_side = "left"
         try:
-            batch = processor(images=flat or None, text=prompts, padding=True, return_tensors="pt")
+            batch = processor(images=(per if self.nested_images else flat) if flat else None, text=prompts,
+                              padding=True, return_tensors="pt")
         finally:
             tok.padding_side = old
         if device is not None:
