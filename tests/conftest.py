@@ -160,3 +160,17 @@ def pruned_llava_embeds(model, adapter, batch, kept) -> tuple[torch.Tensor, torc
     keep = ~img[0]
     keep[img[0].nonzero().flatten()[kept]] = True
     return emb[:, keep], img[:, keep]
+
+
+@pytest.fixture
+def vcd_without_qwen3_vl(monkeypatch):
+    """The refusal path of an unsupported (method, architecture) pair: ``vcd`` registered without ``qwen3_vl`` for
+    this test (the built-in methods support every family, so tests of the refusal narrow one)."""
+    import dataclasses
+
+    from vtoolkit import registry
+
+    spec = registry.get_method("vcd")
+    narrowed = dataclasses.replace(spec, architectures=tuple(a for a in spec.architectures if a != "qwen3_vl"))
+    monkeypatch.setitem(registry._METHODS, "vcd", narrowed)
+    return narrowed

@@ -325,3 +325,32 @@ def test_cpu_clock_counts_work_not_waiting():
     assert time_once(lambda: time.sleep(0.2), clock="cpu") < 0.1          # CPU: a sleeping process does no work
     res = CliRunner().invoke(app, ["bench", "--shape", "tiny", "--clock", "gpu"])
     assert res.exit_code == 2 and "--clock must be wall or cpu" in res.output
+
+
+@pytest.mark.parametrize("arch", ["qwen3_vl", "llava_onevision", "internvl"])
+def test_bench_arch_builds_the_family_and_runs_one_round(tmp_path, fake_clock, arch):
+    """``--arch`` with ``--shape tiny``: the family's small stand-in (same structure as the mid-size one), FasterVLM
+    and FastV rows against the same-run baseline with the family's FLOPs bound; no oracle rows (LLaVA only), and
+    asking for them is refused before building."""
+    from typer.testing import CliRunner
+
+    from vtoolkit.cli import app
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["bench", "--arch", arch, "--shape", "tiny", "--oracle"])
+    assert res.exit_code == 2 and "oracle rows are built for the LLaVA shapes only" in res.output
+    res = runner.invoke(app, ["bench", "--arch", "qwen4_vl", "--shape", "tiny"])
+    assert res.exit_code == 2 and "--arch must be one of qwen3_vl, llava_onevision, internvl" in res.output
+    for method, extra in [("fastervlm", []), ("fastv", ["--set", "K=2"])]:
+        out = tmp_path / f"{method}.json"
+        res = runner.invoke(app, ["bench", "--arch", arch, "--shape", "tiny", "--method", method, "--keep-ratios",
+                                  "0.25", *extra, "--decode-tokens", "1", "--repeats", "1", "--out", str(out)])
+        assert res.exit_code == 0, res.output
+        assert f"{method} on tiny {arch}" in res.output
+        rows = json.loads(out.read_text())
+        assert [r["method"] for r in rows] == ["baseline", method]
+        base, r = rows
+        assert r["visual_tokens"] < base["visual_tokens"] == base["visual_tokens_before"]
+        assert r["pruned_from_layer"] == (2 if method == "fastv" else 0)
+        assert 0 < r["analytic_prefill_ratio"] < 1.0 == base["analytic_prefill_ratio"]
+        assert r["prefill_ratio"] == r["prefill_s"] / base["prefill_s"]

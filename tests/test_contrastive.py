@@ -170,7 +170,9 @@ def test_vcd_noise_schedule():
 
 # -- generate --------------------------------------------------------------------------------------------------------
 @torch.no_grad()
-@pytest.mark.parametrize("arch", ARCHS)
+# the new families: neutral / batch == singles / cache == recompute are in the contract (tests/test_contract.py);
+# here Qwen3-VL too, for a two-image prompt whose contrast rows carry DeepStack
+@pytest.mark.parametrize("arch", ARCHS + ["qwen3_vl"])
 @pytest.mark.parametrize("method,opts", [("damro", DAMRO), ("vcd", {})])
 def test_batch_equals_singles_and_cache_equals_recompute(arch, method, opts):
     model, proc, adapter = tiny_model(arch)
@@ -223,9 +225,10 @@ def test_sampling_is_reproducible_and_direct_mode_bypasses_processors(method, op
 
 
 @torch.no_grad()
-def test_beams_and_return_sequences_keep_the_streams_paired():
-    model, proc, adapter = tiny_model("llava")
-    batch = sample_batch("llava", n=2)
+@pytest.mark.parametrize("arch", ["llava", "qwen3_vl"])     # qwen3_vl: generate repeats the DeepStack features too
+def test_beams_and_return_sequences_keep_the_streams_paired(arch):
+    model, proc, adapter = tiny_model(arch)
+    batch = sample_batch(arch, n=2)
     beams = dict(max_new_tokens=4, num_beams=3, num_return_sequences=2, do_sample=False)
     base = model.generate(**batch, **beams)
     with vt.apply_method(model, "damro", alpha=0.0, beta=0.0, **DAMRO) as h:
@@ -234,10 +237,9 @@ def test_beams_and_return_sequences_keep_the_streams_paired():
     with vt.apply_method(model, "damro", alpha=1.0, beta=0.1, **DAMRO):
         out = model.generate(**batch, **beams)
         for i in range(2):      # a beam batch equals each prompt alone: side rows follow their beams
-            one = {k: v[i:i + 1] for k, v in batch.items()}
-            one["attention_mask"] = one["attention_mask"]
-            keep = one["attention_mask"][0].bool()
-            one = {k: (v[:, keep] if k in ("input_ids", "attention_mask") else v) for k, v in one.items()}
+            one = adapter.prepare_inputs(proc, [demo_image(i, [(160, 120), (200, 100)][i])],
+                                         [["Is there a dog?", "Describe this image in detail, please, with every "
+                                           "object you see."][i]])
             single = model.generate(**one, **beams)
             n, m = batch["input_ids"].shape[1], one["input_ids"].shape[1]
             for j in range(2):
@@ -245,7 +247,7 @@ def test_beams_and_return_sequences_keep_the_streams_paired():
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("arch", ["llava", "qwen2_vl"])
+@pytest.mark.parametrize("arch", ["llava", "qwen2_vl", "qwen3_vl"])
 def test_composes_with_a_pre_llm_pruner(arch):
     model, proc, adapter = tiny_model(arch)
     batch = sample_batch(arch, n=2)

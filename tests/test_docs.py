@@ -96,7 +96,8 @@ def _quickstart():
     return load_example("quickstart")
 
 
-def test_quickstart_refuses_an_unsupported_architecture_before_building(monkeypatch, capsys):
+def test_quickstart_refuses_an_unsupported_architecture_before_building(monkeypatch, capsys,
+                                                                      vcd_without_qwen3_vl):
     class Built(Exception):
         pass
 

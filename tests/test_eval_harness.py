@@ -330,7 +330,7 @@ def test_limit_spreads_pope_over_splits_and_must_be_positive(tmp_path, pope, tin
      "error: --set: fastervlm: budget_scope must be one of ('per_crop', 'global'), got 'diagonal'"),
     (["--method", "fastvlm"], f"error: --method: Unknown method 'fastvlm'. Did you mean 'fastervlm'? Available: "
                               f"{METHODS}."),
-    (["--model", "tiny:qwen3_vl", "--method", "vcd"],
+    (["--model", "tiny:qwen3_vl", "--method", "vcd"],      # vcd narrowed by the fixture (all families supported)
      "error: --method: method 'vcd' does not support 'qwen3_vl' models; it supports internvl, llava, llava_next, "
      "llava_onevision, qwen2_5_vl, qwen2_vl (vtoolkit list)"),
     (["--model", "tiny:lava"], "error: --model 'tiny:lava': unknown tiny model; choose one of tiny:llava, "
@@ -342,7 +342,8 @@ def test_limit_spreads_pope_over_splits_and_must_be_positive(tmp_path, pope, tin
     (["--bench", "pope,vqa"], "error: --bench: unknown benchmark 'vqa'; choose from pope, mme, chair"),
     (["--resume", "--overwrite"], "error: --resume and --overwrite exclude each other"),
 ])
-def test_eval_errors_are_one_line_before_building(tmp_path, pope, tiny, args, message):
+def test_eval_errors_are_one_line_before_building(tmp_path, pope, tiny, args, message,
+                                                  vcd_without_qwen3_vl):
     base = {"--model": "tiny:llava", "--data": f"pope={pope}", "--out": str(tmp_path / "run")}
     for i in range(0, len(args), 2):
         base.pop(args[i], None)

@@ -65,12 +65,35 @@ def test_llava_onevision_score_is_received_attention_packed_by_hf():
 
 
 @torch.no_grad()
-def test_qwen3_vl_score_is_received_attention_of_the_last_vit_block():
+def test_llava_onevision_two_images_in_one_prompt_are_pruned_per_image():
+    """Several images in one prompt: HF gives each only its base crop (no tiles) and one image_newline after it;
+    FasterVLM keeps round(0.3 * 16) patches of EACH image, by that image's own received attention (stock SigLIP
+    attention of its crop), plus its newline; a padded batch holding that prompt gives the prompt alone's logits."""
+    model, proc, adapter = tiny_model("llava_onevision")
+    images = [demo_image(1, (200, 100)), demo_image(7, (100, 150))]
+    two = adapter.prepare_inputs(proc, [images], ["Describe both images."])
+    assert two["pixel_values"].shape[0] == 2                       # one entry per image
+    with attn_implementation(model.config.vision_config, "eager"):
+        out = model.model.vision_tower(pixel_values=two["pixel_values"][:, 0], output_attentions=True)
+    recv = out.attentions[-1].mean(1).mean(1)                      # [images, 16]: mean over heads and queries
+    n = recv.shape[1]
+    k = int(0.3 * n + 0.5)
+    with vt.apply_method(model, "fastervlm", keep_ratio=0.3) as h:
+        got = model(**two).logits[0, -1]
+        kept = [i.tolist() for i in h.stats["kept_indices"][0]]
+        after = h.stats["visual_tokens_after"]
+        batch = adapter.prepare_inputs(proc, [demo_image(0, (160, 120)), images], ["Cat?", "Describe both images."])
+        batched = model(**batch).logits[1, -1]
+    assert kept == [sorted(torch.topk(recv[i], k).indices.tolist()) + [n] for i in range(2)]   # + the newline
+    assert after == [2 * (k + 1)]
+    torch.testing.assert_close(batched, got, rtol=0, atol=1e-4)
+
+
+def _qwen3_received(model, adapter, batch):
+    """Per merged token: the mean attention its 2x2 patches receive in the last ViT block (from the stock q / k)."""
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    model, proc, adapter = tiny_model("qwen3_vl")
-    batch = adapter.prepare_inputs(proc, [demo_image(0, (160, 120))], ["Is there a dog?"])
     last = len(adapter.vision_layers) - 1
     got = []
 
@@ -83,8 +106,14 @@ def test_qwen3_vl_score_is_received_attention_of_the_last_vit_block():
     AttentionInterface.register("vtk_test_record", record)
     with attn_implementation(model.config.vision_config, "vtk_test_record"):
         model.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"])
-    merged = torch.cat(got).view(-1, 4).mean(-1)                  # the 2x2 patches of one token are consecutive
-    want = sorted(torch.topk(merged, 5).indices.tolist())
+    return torch.cat(got).view(-1, 4).mean(-1)                    # the 2x2 patches of one token are consecutive
+
+
+@torch.no_grad()
+def test_qwen3_vl_score_is_received_attention_of_the_last_vit_block():
+    model, proc, adapter = tiny_model("qwen3_vl")
+    batch = adapter.prepare_inputs(proc, [demo_image(0, (160, 120))], ["Is there a dog?"])
+    want = sorted(torch.topk(_qwen3_received(model, adapter, batch), 5).indices.tolist())
     with vt.apply_method(model, "fastervlm", keep_tokens=5) as h:
         model(**batch)
     assert _kept(h) == want
@@ -169,6 +198,64 @@ def test_qwen3_vl_midstack_pruning_before_the_last_deepstack_layer_drops_the_row
             hidden[vis] = hidden[vis] + deep[i][rows]
     want = model.lm_head(lm.norm(hidden))[0, -1]
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+@torch.no_grad()
+def test_qwen3_vl_vcd_contrast_is_the_stock_model_on_the_noised_image_with_its_deepstack():
+    """VCD's contrast rows get the noised image's DeepStack features: the contrast equals the stock model fed the
+    noised pixels, both when the two streams are prefilled as one batch (main DeepStack inputs widened) and when the
+    contrast is prefilled on its own beside a rewritten main stream (a co-applied pruner keeping everything)."""
+    from vtoolkit.hooks.sequence import force_rewrite
+
+    model, proc, adapter = tiny_model("qwen3_vl")
+    batch = adapter.prepare_inputs(proc, [demo_image(1, (200, 100))], ["Is there a dog?"])
+    base = model(**batch).logits[0, -1]
+    with vt.apply_method(model, "vcd", alpha=1.0, beta=0.0) as h:
+        got = model(**batch).logits[0, -1]
+        noised = h.methods[0].noised_pixels(batch)
+    with force_rewrite(), vt.apply_method(model, [("fastervlm", {"keep_ratio": 1.0}),
+                                                  ("vcd", {"alpha": 1.0, "beta": 0.0})]):
+        got_nested = model(**batch).logits[0, -1]
+    neg = model(**{**batch, "pixel_values": noised}).logits[0, -1]
+    torch.testing.assert_close(got, 2 * base - neg, rtol=0, atol=1e-4)
+    torch.testing.assert_close(got_nested, 2 * base - neg, rtol=0, atol=1e-4)
+    # the noised image WITHOUT its DeepStack features (the refused state before) gives another contrast
+    emb, deep, img, pos = _qwen3_parts(model, adapter, {**batch, "pixel_values": noised})
+    lm = adapter.language_model
+    no_deep = model.lm_head(lm(inputs_embeds=emb, position_ids=pos, attention_mask=batch["attention_mask"])
+                            .last_hidden_state)[0, -1]
+    assert (got - (2 * base - no_deep)).abs().max() > 1e-3
+
+
+@torch.no_grad()
+def test_qwen3_vl_damro_contrast_rows_carry_the_outliers_own_deepstack_rows():
+    """DAMRO's contrast prompt holds only the outlier visual tokens, fed in score order at their own M-RoPE
+    positions; each brings its own row of every DeepStack tensor. Reference: the stock language model on that prompt
+    built by hand (merged embeddings, positions, ``visual_pos_masks`` and DeepStack tensors gathered with the
+    outlier indices); the outliers themselves are the top-k of the received attention in the last ViT block."""
+    model, proc, adapter = tiny_model("qwen3_vl")
+    batch = adapter.prepare_inputs(proc, [demo_image(0, (160, 120))], ["Is there a dog?"])
+    base = model(**batch).logits[0, -1]
+    with vt.apply_method(model, "damro", alpha=1.0, beta=0.0, topk=4, topk_rule="fixed") as h:
+        got = model(**batch).logits[0, -1]
+    outliers = h.stats["outlier_indices"][0][0]
+    assert outliers.tolist() == torch.topk(_qwen3_received(model, adapter, batch), 4).indices.tolist()
+    emb, deep, img, pos = _qwen3_parts(model, adapter, batch)
+    vis_cols = img[0].nonzero().flatten()
+    keep = ~img[0]
+    keep[vis_cols[outliers]] = True
+    cols = keep.nonzero().flatten()
+    cols[img[0][cols]] = vis_cols[outliers]                        # the visual slots, refilled in score order
+    lm = adapter.language_model
+
+    def contrast(deepstack):
+        hidden = lm(inputs_embeds=emb[:, cols], position_ids=pos[:, :, cols], attention_mask=torch.ones_like(
+            cols[None]), visual_pos_masks=img[:, cols], deepstack_visual_embeds=deepstack)
+        return model.lm_head(hidden.last_hidden_state)[0, -1]
+
+    torch.testing.assert_close(got, 2 * base - contrast([d[outliers] for d in deep]), rtol=0, atol=1e-4)
+    assert (got - (2 * base - contrast(None))).abs().max() > 1e-3   # without DeepStack: another contrast
+    assert (got - (2 * base - contrast([d[outliers.sort().values] for d in deep]))).abs().max() > 1e-3
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints

@@ -217,7 +217,7 @@ def test_bf16_and_device_map_loaded_model(tmp_path):
 
 
 @torch.no_grad()
-def test_qwen3_vl_adapter_and_identity():
+def test_qwen3_vl_adapter_and_identity(vcd_without_qwen3_vl):   # the refusal path, on a narrowed vcd
     model, proc = vt.models.tiny.build("qwen3_vl")
     adapter = vt.models.get_adapter(model)
     batch = adapter.prepare_inputs(proc, [vt.models.tiny.demo_image(0), vt.models.tiny.demo_image(1, (90, 140))],

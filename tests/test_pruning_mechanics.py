@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import vtoolkit as vt
-from conftest import ARCHS, assert_same_continuation, pruned_llava_embeds, sample_batch, tiny_model
+from conftest import ARCHS, NEW_ARCHS, assert_same_continuation, pruned_llava_embeds, sample_batch, tiny_model
 from vtoolkit import compat
 from vtoolkit.hooks.sequence import force_rewrite
 from vtoolkit.models.tiny import demo_image
@@ -235,7 +235,7 @@ def test_sampled_return_sequences_equal_hand_pruned_inputs():
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ARCHS + NEW_ARCHS)      # new families: tiles, several images per prompt, DeepStack
 @pytest.mark.parametrize("method,opts", [("fastervlm", {"keep_ratio": 0.3}), ("fastv", {"keep_ratio": 0.5})])
 def test_beam_search_batch_equals_singles(arch, method, opts):
     model, proc, adapter = tiny_model(arch)
@@ -349,6 +349,7 @@ def test_masks_and_positions_move_to_the_device_of_the_layer_they_feed():
 # 10 ---------------------------------------------------------------------------------------------------------------
 NEUTRAL = [(a, m, o) for a in ARCHS for m, o in [("fastervlm", {"keep_ratio": 1.0}), ("random", {"keep_ratio": 1.0}),
                                                    ("fastv", {"keep_ratio": 1.0})]]
+NEUTRAL += [(a, m, {"keep_ratio": 1.0}) for a in NEW_ARCHS for m in ("fastervlm", "fastv")]   # two-image prompts
 NEUTRAL += [(a, "fastervlm", {"keep_ratio": 1.0, "positions": "original"}) for a in ("llava", "llava_next")]
 
 

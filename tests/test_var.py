@@ -12,7 +12,15 @@ import torch
 
 import vtoolkit as vt
 import vtoolkit.methods.var as var_mod
-from conftest import ARCHS, assert_same_continuation, layer0_inputs, pruned_llava_embeds, sample_batch, tiny_model
+from conftest import (
+    ARCHS,
+    NEW_ARCHS,
+    assert_same_continuation,
+    layer0_inputs,
+    pruned_llava_embeds,
+    sample_batch,
+    tiny_model,
+)
 from vtoolkit.hooks.sequence import force_rewrite
 from vtoolkit.models.tiny import demo_image
 
@@ -248,6 +256,7 @@ def test_redistribution_equals_a_loop_reference(seed):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("arch", ARCHS + NEW_ARCHS)
 def test_logits_equal_an_independent_eager_reimplementation(arch, reference):
     model, proc, adapter = tiny_model(arch)
     batch = sample_batch(arch, n=2, two_images=True)
@@ -425,7 +434,7 @@ def test_discover_sink_dims_finds_a_planted_massive_activation():
 
 # ------------------------------------------------------------------------------------------------ composition
 @torch.no_grad()
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ARCHS + NEW_ARCHS)
 def test_fastervlm_keep_all_plus_var_equals_var_alone(arch):
     model, proc, adapter = tiny_model(arch)
     batch = sample_batch(arch, n=2, two_images=True)

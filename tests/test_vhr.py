@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import vtoolkit as vt
-from conftest import ARCHS, assert_same_continuation, attn_implementation, sample_batch, tiny_model
+from conftest import ARCHS, NEW_ARCHS, assert_same_continuation, attn_implementation, sample_batch, tiny_model
 from vtoolkit.hooks.attention import interceptor_count
 from vtoolkit.methods.vhr import default_layers
 from vtoolkit.models.tiny import demo_image
@@ -94,7 +94,7 @@ def _reference_selection(a_img, a_txt):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ARCHS + NEW_ARCHS)
 def test_selection_equals_two_explicit_passes_layer_by_layer(arch):
     """First reinforced layer: equal to two plain forwards (with the image / visual tokens removed). Later layers:
     equal to plain forwards in which the test itself scales the heads chosen at earlier layers, and (for this model)

@@ -88,8 +88,13 @@ def bench(shape: str = typer.Option("midsize", help="midsize (CLIP-L/336 + 16x20
           clock: str = typer.Option("wall", help="wall: elapsed time; cpu: this process's CPU seconds (on a "
                                                  "machine other jobs load; use with --threads 1)"),
           threads: int = typer.Option(0, min=0, help="torch intra-op threads (0: torch's default)"),
-          oracle: bool = typer.Option(True, "--oracle/--no-oracle", help="oracle row after each pruner / "
-                                                                          "mitigation setting"),
+          oracle: bool | None = typer.Option(None, "--oracle/--no-oracle", help="oracle row after each pruner / "
+                                                                                 "mitigation setting (default: on, "
+                                                                                 "except with --arch)"),
+          arch: str = typer.Option("", help="qwen3_vl, llava_onevision or internvl: a mid-size random model of that "
+                                            "family (the real vision tower's layers, a --llm-layers x --hidden LLM, "
+                                            "reduced images; vtoolkit/bench/midsize.py) instead of LLaVA; with "
+                                            "--shape tiny a small stand-in"),
           prompt_tokens: int = typer.Option(0, min=0, help="lengthen the question to at least this many prompt "
                                                            "tokens (image tokens included); 0: ~600 as built"),
           llm_layers: int = typer.Option(16, min=1, help="midsize: LLM layers"),
@@ -112,6 +117,15 @@ def bench(shape: str = typer.Option("midsize", help="midsize (CLIP-L/336 + 16x20
 
     if shape not in SHAPES:
         raise ConfigError(f"--shape must be one of {', '.join(SHAPES)}, got {shape!r}")
+    if arch and arch not in midsize.FAMILIES:
+        raise ConfigError(f"--arch must be one of {', '.join(midsize.FAMILIES)}, got {arch!r} (LLaVA: leave --arch "
+                          f"out)")
+    if arch and shape == "llava7b":
+        raise ConfigError("--arch builds that family at the midsize (or --shape tiny) size; --shape llava7b is LLaVA")
+    if arch and oracle:
+        raise ConfigError(f"--oracle: oracle rows are built for the LLaVA shapes only so far (vtoolkit/bench/"
+                          f"oracle.py); --arch {arch} runs without them (pass --no-oracle or leave it out)")
+    oracle = (not arch) if oracle is None else oracle
     if clock not in ("wall", "cpu"):
         raise ConfigError(f"--clock must be wall or cpu, got {clock!r}")
     if threads:
@@ -149,22 +163,27 @@ def bench(shape: str = typer.Option("midsize", help="midsize (CLIP-L/336 + 16x20
     torch.manual_seed(0)
     t0 = time.perf_counter()
     with console.status(f"building the {shape} model"):
-        if shape == "midsize":
+        if arch:
+            model, proc = midsize.family(arch, llm_layers=llm_layers, hidden=hidden, small=shape == "tiny")
+        elif shape == "midsize":
             model, proc = midsize.build(llm_layers=llm_layers, hidden=hidden, heads=max(1, hidden // 128),
                                         kv_heads=max(1, hidden // 128), intermediate=int(hidden * 2.75))
         elif shape == "llava7b":
             model, proc = midsize.llava7b(device="cuda")
         else:
             model, proc = midsize.tiny_shape()
-    console.log(f"built the {shape} model in {time.perf_counter() - t0:.1f} s")
+    console.log(f"built the {shape} {arch or 'llava'} model in {time.perf_counter() - t0:.1f} s")
+    if arch:
+        typer.echo(f"note: --arch {arch}: no oracle rows (built for the LLaVA shapes only so far)", err=True)
     rows = run_bench(model, proc, settings, batch_size=batch_size,
                      prompt_tokens=prompt_tokens or None, decode_tokens=decode_tokens, repeats=repeats,
                      max_repeats=max_repeats or 2 * repeats, oracles=oracle, spread_limit=spread_limit, clock=clock,
-                     progress=lambda s: console.log(f"measuring {s}"))
+                     progress=lambda s: console.log(f"measuring {s}"),
+                     flops_shape=midsize.flops_shape if arch else None)
     b = rows[0]
     loads = [r["load_avg"] for r in rows if r.get("load_avg") is not None]
     load = f", load {max(loads):.1f} on {b['cores']} cores" if loads else ""
-    title = (f"{method} on {shape} ({b['dtype']}, {b['device']}, batch {b['batch_size']}, "
+    title = (f"{method} on {shape}{' ' + arch if arch else ''} ({b['dtype']}, {b['device']}, batch {b['batch_size']}, "
              f"{b['prompt_tokens']} prompt tokens, {b['rounds']} rounds, {clock} clock{load})")
     print_table(result_table(rows, title, decode_tokens, spread_limit))
     note = load_note(max(loads) if loads else None, b["cores"])

@@ -126,7 +126,8 @@ def judge_rows(rows: list[dict], limit: float = SPREAD_LIMIT) -> list[dict]:
 
 def run_bench(model, processor, methods, batch_size: int = 1, prompt_tokens: int | None = None,
               decode_tokens: int = 8, repeats: int = 3, progress=None, warmup: int = 1, max_repeats: int | None = None,
-              oracles: bool = True, spread_limit: float = SPREAD_LIMIT, clock: str = "wall") -> list[dict]:
+              oracles: bool = True, spread_limit: float = SPREAD_LIMIT, clock: str = "wall",
+              flops_shape=None) -> list[dict]:
     """Benchmark ``methods`` (a list of ``(name, overrides)``) against the untouched model.
 
     Returns one row per setting; row 0 is the baseline (no method), measured in this process on the same batch, in
@@ -144,12 +145,14 @@ def run_bench(model, processor, methods, batch_size: int = 1, prompt_tokens: int
     ``generate_s`` / ``generate_ratio_paired`` (end-to-end generate of 1 + decode_tokens tokens, paired per round like
     the prefill), the ``*_judged`` verdicts and ``measured`` (:func:`judge_rows`), ``load_avg`` / ``cores``.
     ``clock``: ``"wall"`` or ``"cpu"`` (this process's CPU seconds, see :class:`vtoolkit.bench.measure._Timer`).
+    ``flops_shape(model, batch)``: the analytic FLOPs shape (default ``Shape.from_model``, LLaVA towers; the issue-19
+    families: :func:`vtoolkit.bench.midsize.flops_shape`).
     """
     import vtoolkit as vt
     from vtoolkit.bench import oracle as O
 
     batch = make_batch(model, processor, batch_size, prompt_tokens=prompt_tokens)
-    shape = F.Shape.from_model(model)
+    shape = flops_shape(model, batch) if flops_shape is not None else F.Shape.from_model(model)
     dev = model.device
     B = int(batch["input_ids"].shape[0])
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")

@@ -44,7 +44,7 @@ from vtoolkit.compat import cache_length, get_cache, output_cache, support_hint
 from vtoolkit.hooks.sidestream import in_side_stream
 
 _CAPTURED = ("input_ids", "attention_mask", "position_ids", "image_sizes", "image_grid_thw", "video_grid_thw",
-             "mm_token_type_ids", "pixel_values", "pixel_values_videos", "labels")
+             "mm_token_type_ids", "pixel_values", "pixel_values_videos", "labels", "batch_num_images")
 _ROWWISE = ("input_ids", "attention_mask", "mm_token_type_ids", "labels")   # [B, L] tensors repeated by expansion
 
 
@@ -315,15 +315,20 @@ class CallContext:
                              f"prompts (as generate's num_beams / num_return_sequences make them)")
         return n
 
-    def image_features(self) -> list[torch.Tensor]:
-        """The projected visual features of this call's images, one ``[N_i, D]`` tensor per image placeholder block in
-        the order the blocks appear in the (row-major) ``input_ids`` - what HF scatters into the embeddings (generate
-        repeats an image's entry for each of its beam rows)."""
+    def encoder_output(self):
+        """What this call's ``get_image_features`` returned (HF's output object: ``pooler_output``, and Qwen3-VL's
+        ``deepstack_features``), one entry per image placeholder block as :meth:`image_features` says."""
         out = self._encoder_output() if self._encoder_output is not None else None
         if out is None or not self.features_from_hooked_encoder:
             raise RuntimeError("this call's image features were not computed under this handle (precomputed "
                                "features are not supported by this method)")
-        return self.adapter.features_by_image(out.pooler_output, self.inputs)
+        return out
+
+    def image_features(self) -> list[torch.Tensor]:
+        """The projected visual features of this call's images, one ``[N_i, D]`` tensor per image placeholder block in
+        the order the blocks appear in the (row-major) ``input_ids`` - what HF scatters into the embeddings (generate
+        repeats an image's entry for each of its beam rows)."""
+        return self.adapter.features_by_image(self.encoder_output().pooler_output, self.inputs)
 
     def merged_embeddings(self, input_ids: torch.Tensor, by_image: list[torch.Tensor] | None = None) -> torch.Tensor:
         """Token embeddings of ``input_ids`` (``[B, L]``, this call's rows) with image features at the visual

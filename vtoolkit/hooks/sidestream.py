@@ -128,6 +128,7 @@ class SideStream:
         except NotImplementedError as e:
             raise NotImplementedError(f"{owner}: its side stream {e}") from None
         self.embeds = self.valid = self.positions = None
+        self.llm_inputs: dict = {}
         self.next_layer = 0
         self.cache = None
         self._length = 0          # side tokens in the joined cache (after join): prompt slots + generated
@@ -136,10 +137,14 @@ class SideStream:
         self._released = False    # generate returned: the side rows were dropped
 
     # -- rows ---------------------------------------------------------------------------------------------------
-    def set_rows(self, embeds: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor | None = None) -> None:
+    def set_rows(self, embeds: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor | None = None,
+                 llm_inputs: dict | None = None) -> None:
         """``embeds [B, Ls, D]``, ``valid [B, Ls]`` (left padding), ``positions`` ``[B, Ls]`` or M-RoPE ``[3, B, Ls]``
-        (default: contiguous text positions from ``valid``)."""
+        (default: contiguous text positions from ``valid``). ``llm_inputs``: further language-model keyword arguments
+        of the side prompt's prefill, from :meth:`ModelAdapter.side_llm_inputs` (Qwen3-VL: the side rows' own DeepStack
+        features at their visual positions); none by default."""
         self.embeds, self.valid = embeds, valid
+        self.llm_inputs = dict(llm_inputs or {})
         self.positions = contiguous_positions(valid) if positions is None else positions
 
     @property
@@ -153,6 +158,9 @@ class SideStream:
     # -- lockstep (no cache) --------------------------------------------------------------------------------------
     def start(self) -> None:
         """Begin running the rows layer by layer (call :meth:`advance` from the main stream's hooks)."""
+        if self.llm_inputs:
+            raise NotImplementedError(f"{self.owner}: side rows with per-token language-model inputs "
+                                      f"({', '.join(self.llm_inputs)}) cannot run layer by layer")
         self.h = self.embeds
         self._pe = self.adapter.rotary(self.embeds, self.positions)
         self._layer_mask = self._mask(self.valid, self.valid.shape[1], self.embeds.dtype)
@@ -190,7 +198,7 @@ class SideStream:
         mask = self.valid.long()
         with side_active(self.adapter.model):
             out = lm(inputs_embeds=self.embeds, attention_mask=mask, position_ids=self._lm_positions(self.positions),
-                     use_cache=True, **{cache_param(lm): self.cache})
+                     use_cache=True, **{cache_param(lm): self.cache}, **self.llm_inputs)
         self._length = self.valid.shape[1]
         return out.last_hidden_state[:, -1]
 
@@ -218,8 +226,11 @@ class SideStream:
                 or tuple(self.embeds.shape) != tuple(emb.shape) or (mask is not None and mask.dim() != 2)):
             return None
         B, L = emb.shape[:2]
+        extra = self.adapter.widen_llm_inputs(kwargs, self.llm_inputs)    # Qwen3-VL: both streams' DeepStack
+        if extra is None:
+            return None
         for k, v in kwargs.items():   # any other per-row input would need widening too: use the nested path
-            if (torch.is_tensor(v) and v.dim() and v.shape[0] == B
+            if (torch.is_tensor(v) and v.dim() and v.shape[0] == B and k not in extra
                     and k not in ("inputs_embeds", "position_ids", "attention_mask", "cache_position")):
                 return None
         dev = emb.device
@@ -239,6 +250,7 @@ class SideStream:
         kw["inputs_embeds"] = torch.cat([emb, self.embeds.to(device=dev, dtype=emb.dtype)], 0)
         kw["attention_mask"] = torch.cat([main_mask, self.valid.to(dev).to(main_mask.dtype)], 0)
         kw["position_ids"] = positions
+        kw.update(extra)
         self.main_pad = self.side_pad = 0
         self._main_rows = B
         self._length = L

@@ -182,11 +182,14 @@ class ContrastiveDecoding(Method):
             for j, r in enumerate(ctx.sample_rows):
                 self._done[j] |= int(ctx.step_input_ids[r, -1]) in eos
 
-    def contrast_rows(self, ctx, kwargs, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """``(embeds [B, Ls, D], valid [B, Ls], positions [B, Ls] | [3, B, Ls] | None)`` of the contrast prompt,
-        left-padded, for the call's rows: built from the first ``n`` positions of ``ctx.inputs`` (the prompt; with
-        ``use_cache=False`` later prefills also hold the generated tokens). ``kwargs``: the language model's
-        prefill arguments."""
+    def contrast_rows(self, ctx, kwargs, n: int) -> tuple:
+        """``(embeds [B, Ls, D], valid [B, Ls], positions [B, Ls] | [3, B, Ls] | None[, sources])`` of the contrast
+        prompt, left-padded, for the call's rows: built from the first ``n`` positions of ``ctx.inputs`` (the prompt;
+        with ``use_cache=False`` later prefills also hold the generated tokens). ``kwargs``: the language model's
+        prefill arguments. ``sources = (columns [B, Ls], encoder_output | None)``, required when the rows hold visual
+        tokens: the ``input_ids`` column each row holds and the encoding its visual tokens were embedded from (None:
+        the call's own), from which the adapter gives them the model's other per-token inputs
+        (:meth:`~vtoolkit.models.ModelAdapter.side_llm_inputs`; Qwen3-VL: their DeepStack features)."""
         raise NotImplementedError
 
     def unchanged_rows(self, ctx, kwargs, n: int):
@@ -209,10 +212,11 @@ class ContrastiveDecoding(Method):
             if ctx.inputs.get("input_ids") is None:
                 raise ValueError(f"{self.name} needs input_ids at prefill to build its contrast stream; this call "
                                  f"passed only inputs_embeds")
-            embeds, valid, positions = self.contrast_rows(ctx, kwargs, ctx.prompt_length)
-            embeds, valid, positions = self._with_generated(ctx, embeds, valid, positions)
+            rows = self.contrast_rows(ctx, kwargs, ctx.prompt_length)
+            embeds, valid, positions = self._with_generated(ctx, *rows[:3])
             self.side = SideStream(self.adapter, self.name)
-            self.side.set_rows(embeds, valid, positions)
+            self.side.set_rows(embeds, valid, positions, self._llm_inputs(ctx, rows[3] if len(rows) > 3 else None,
+                                                                          valid))
             ctx.mark(f"{self.name}:contrast")
             widened = self.side.widen_prefill(kwargs, get_cache(kwargs))
             self._batched_prefill = widened is not None
@@ -244,6 +248,18 @@ class ContrastiveDecoding(Method):
             positions = contiguous_positions(valid)
         positions = torch.cat([positions, continue_positions(positions, valid, 0, extra)], -1)
         return torch.cat([embeds, g_emb], 1), torch.cat([valid, torch.ones_like(gen, dtype=torch.bool)], 1), positions
+
+    def _llm_inputs(self, ctx, sources, valid) -> dict:
+        """The contrast rows' other per-token language-model inputs (adapter; Qwen3-VL DeepStack), with the tokens
+        generated so far (``use_cache=False``) as the input columns after the prompt."""
+        if sources is None:
+            return {}
+        columns, encoding = sources
+        extra = valid.shape[1] - columns.shape[1]
+        if extra > 0:
+            gen = ctx.prompt_length + torch.arange(extra, device=columns.device)
+            columns = torch.cat([columns, gen.expand(columns.shape[0], -1)], 1)
+        return self.adapter.side_llm_inputs(ctx, columns, valid, encoding)
 
     def _lm_post(self, module, args, output):
         if in_side_stream(self.adapter.model) or self.side is None:

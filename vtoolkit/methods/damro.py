@@ -31,7 +31,10 @@ Deviations (named): LLaVA-NeXT: per-crop top-k as official, over the tokens HF's
 the crop's full grid), crop by crop (base image, then tiles), with the image block's last ``image_newline`` after
 them (official: ``#crops x k`` tokens then one newline, ``pack_image_features_damro``, L706-731). Positions of the
 contrast prompt: LLaVA contiguous (it is a new, shorter prompt, as official); Qwen (no official port): the kept
-tokens' original M-RoPE positions, fed in ``order``. A prompt without an image is refused (there is no outlier
+tokens' original M-RoPE positions, fed in ``order``. Qwen3-VL (DeepStack): the contrast prompt is the stock
+model on "the same prompt seeing only the outlier tokens", so each outlier brings its own DeepStack rows - every
+DeepStack tensor is gathered with the outlier indices, in the order the outliers are fed, and added at the contrast
+rows' visual positions in the first LLM layers (the adapter's ``side_llm_inputs``). A prompt without an image is refused (there is no outlier
 stream to contrast with); in a batch with images, a row without one contrasts with itself (``l = l_full``, with the
 plausibility cutoff).
 
@@ -94,8 +97,8 @@ class DAMROConfig(ContrastiveConfig):
 
 
 @register_method("damro", config=DAMROConfig, kind="mitigate", stage="decode",
-                 # not qwen3_vl: the contrast rows carry no DeepStack features yet (README, model families)
-                 architectures=("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "llava_onevision", "internvl"),
+                 architectures=("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision",
+                                "internvl"),
                  requires=("vision attention q/k", "a contrast stream batched with the prompt's"),
                  description="Contrastive decoding against a stream that sees only the ViT's outlier tokens (DAMRO)")
 class DAMRO(ContrastiveDecoding):
@@ -132,7 +135,7 @@ class DAMRO(ContrastiveDecoding):
         merged = ctx.merged_embeddings(ids).to(emb.dtype)
         pos = ctx.rope_positions()[..., :n].to(dev) if self.adapter.position_kind == "mrope" else None
         rows, pos, _ = gather_kept(merged, keep_idx, pos, None)
-        return rows, valid, pos
+        return rows, valid, pos, (keep_idx, None)      # Qwen3-VL: each outlier brings its own DeepStack rows
 
 
 def _input_nonpad(ctx) -> torch.Tensor:

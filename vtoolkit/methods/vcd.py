@@ -11,7 +11,9 @@ each image is diffused for ``noise_step`` steps of the official schedule (1000 s
 transformed image in ``experiments/eval/object_hallucination_vqa_*.py``, e.g. ``..._qwenvl.py`` L50-54). The noise is
 drawn once per still image: where the processor repeats a still image into several frames (Qwen2-VL / 2.5-VL:
 ``temporal_patch_size = 2`` copies in every patch row) all copies get the same noised frame, as if the image had been
-noised before the processor (the adapter's ``image_frames`` gives the layout). Then, per step
+noised before the processor (the adapter's ``image_frames`` gives the layout). The contrast stream is the stock
+model on the noised image: on Qwen3-VL its visual positions get the noised image's own DeepStack features (from the
+same encoder pass; the adapter's ``side_llm_inputs``), not the clean image's. Then, per step
 (:mod:`vtoolkit.methods.contrastive`)::
 
     l = (1 + alpha) * l_full - alpha * l_noised,   tokens with p_full < beta * max p_full removed
@@ -68,8 +70,8 @@ def diffusion_noise(x0: torch.Tensor, step: int, generator: torch.Generator) -> 
 
 
 @register_method("vcd", config=VCDConfig, kind="mitigate", stage="decode",
-                 # not qwen3_vl: the contrast rows carry no DeepStack features yet (README, model families)
-                 architectures=("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "llava_onevision", "internvl"),
+                 architectures=("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision",
+                                "internvl"),
                  requires=("a second vision-encoder pass", "a contrast stream batched with the prompt's"),
                  description="Visual contrastive decoding against the same prompt with a noised image (VCD)")
 class VCD(ContrastiveDecoding):
@@ -100,12 +102,13 @@ class VCD(ContrastiveDecoding):
         names = ("image_sizes", "image_grid_thw", "batch_num_images")
         extra = {k: inputs[k] for k in names if inputs.get(k) is not None}
         with side_active(self.adapter.model):         # not this call's encoder pass: scorers and the context skip it
-            feats = self.adapter.core.get_image_features(pixel_values=noised, **extra).pooler_output
+            encoding = self.adapter.core.get_image_features(pixel_values=noised, **extra)
         ids = inputs["input_ids"][:, :n].to(kwargs["inputs_embeds"].device)
-        by_image = self.adapter.features_by_image(feats, inputs)
+        by_image = self.adapter.features_by_image(encoding.pooler_output, inputs)
         rows = ctx.merged_embeddings(ids, by_image=by_image).to(kwargs["inputs_embeds"].dtype)
         mask = inputs.get("attention_mask")
         valid = (mask[:, :n].bool().to(ids.device) if mask is not None and mask.dim() == 2
                  else torch.ones_like(ids, dtype=torch.bool))
         pos = ctx.rope_positions()[..., :n].to(ids.device) if self.adapter.position_kind == "mrope" else None
-        return rows, valid, pos
+        columns = torch.arange(n, device=ids.device).expand(ids.shape[0], -1)
+        return rows, valid, pos, (columns, encoding)    # Qwen3-VL: the noised image's DeepStack features

@@ -69,6 +69,7 @@ class ModelAdapter:
     has_cls: ClassVar[bool] = True
     vision_config_key: ClassVar[str] = "vision_config"
     text_config_key: ClassVar[str] = "text_config"
+    nested_images: ClassVar[bool] = False        # prepare_inputs hands the processor one image list per sample
 
     def __init__(self, model: torch.nn.Module):
         self.wrapper = model
@@ -204,6 +205,21 @@ class ModelAdapter:
         call context; nothing by default."""
         return None
 
+    def side_llm_inputs(self, ctx, columns: torch.Tensor, valid: torch.Tensor, encoder_output=None) -> dict:
+        """Keyword arguments the language model needs, besides ``inputs_embeds`` / mask / positions, for side-stream
+        rows (:mod:`vtoolkit.hooks.sidestream`) whose row ``(b, j)`` holds the token at column ``columns[b, j]`` of this
+        call's ``input_ids`` (``valid [B, Ls]``: not padding), its visual tokens encoded as in ``encoder_output``
+        (another ``get_image_features`` output of this call's images, one entry per encoded image, e.g. VCD's noised
+        copy) or, by default, this call's own encoding. Nothing for models whose LLM reads visual tokens through the
+        embeddings only; Qwen3-VL: the DeepStack inputs of those rows."""
+        return {}
+
+    def widen_llm_inputs(self, main_kwargs: dict, side_inputs: dict) -> dict | None:
+        """One batched prefill of main + side rows (``2B``): the language-model keyword arguments of
+        :meth:`side_llm_inputs` for both row sets, from the main call's ``main_kwargs`` and the side rows'
+        ``side_inputs``; None when they cannot be batched (the side prompt is then prefilled on its own)."""
+        return {} if not side_inputs else None
+
     def unused_vision_layers(self) -> list[int]:
         """Vision layers whose output the model never reads (safe to skip); none by default."""
         return []
@@ -272,7 +288,8 @@ class ModelAdapter:
         old = tok.padding_side
         tok.padding_side = "left"
         try:
-            batch = processor(images=flat or None, text=prompts, padding=True, return_tensors="pt")
+            batch = processor(images=(per if self.nested_images else flat) if flat else None, text=prompts,
+                              padding=True, return_tensors="pt")
         finally:
             tok.padding_side = old
         if device is not None:

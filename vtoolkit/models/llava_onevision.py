@@ -23,6 +23,8 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     family = "llava_onevision"
     has_cls = False
     scores_per_crop = True
+    nested_images = True     # the processor counts images per sample (batch_num_images): a multi-image prompt gets
+                             # one base crop per image, as HF runs OneVision on several images
 
     @property
     def tokens_per_crop(self) -> int:

@@ -156,6 +156,49 @@ class QwenVLAdapter(ModelAdapter):
             nxt = self.decoder_layers[i + 1] if i + 1 < self.num_layers else self.language_model.norm
             hooks.forward_pre(nxt, add(i), with_kwargs=True, prepend=True)
 
+    def side_llm_inputs(self, ctx, columns, valid, encoder_output=None) -> dict:
+        """Qwen3-VL: DeepStack for side-stream rows (contrastive decoding's contrast prompt). Rule: a side row that
+        holds visual token ``t`` of this call's input gets the DeepStack rows of token ``t`` of the encoding it was
+        embedded from - ``encoder_output`` (VCD: the noised image's DeepStack features, entries per encoded image,
+        placed by the call's image spans as its embeddings are) or this call's own encoding (DAMRO: the outlier
+        tokens' own rows, i.e. every DeepStack tensor gathered with the outlier indices, in the order they are fed).
+        So the side stream is the stock model on the side prompt: HF's ``visual_pos_masks`` are the side rows'
+        visual positions and ``deepstack_visual_embeds[i]`` their features, row-major, as HF builds them."""
+        if not self.num_deepstack:
+            return {}
+        ids = ctx.inputs["input_ids"]
+        dev = columns.device
+        vis_in = (ids == self.image_token_id).to(dev)
+        if encoder_output is None:
+            enc = ctx.encoder_output()
+            blocks = [list(layer) for layer in enc.deepstack_features]   # per layer: one entry per placeholder block
+        else:
+            blocks = [[list(layer)[span.image_index] for row in ctx.spans for span in row]
+                      for layer in encoder_output.deepstack_features]
+        flat = [torch.cat([b.reshape(-1, b.shape[-1]) for b in layer]).to(dev) for layer in blocks]
+        if any(f.shape[0] != int(vis_in.sum()) for f in flat):
+            raise RuntimeError(f"DeepStack: {int(vis_in.sum())} visual placeholders for "
+                               f"{[f.shape[0] for f in flat]} DeepStack rows")
+        B, L = vis_in.shape
+        rank = (vis_in.flatten().long().cumsum(0) - 1).view(B, L)      # row of each visual token in the DeepStack
+        vis = torch.gather(vis_in, 1, columns) & valid.to(dev)
+        rows = torch.gather(rank, 1, columns)[vis]
+        return {"visual_pos_masks": vis, "deepstack_visual_embeds": [f[rows] for f in flat]}
+
+    def widen_llm_inputs(self, main_kwargs, side_inputs) -> dict | None:
+        """Qwen3-VL: main + side DeepStack inputs for one batched prefill (masks stacked over the ``2B`` rows, each
+        DeepStack tensor the main rows' then the side rows' - row-major over the stacked mask, as HF reads it). None
+        when the main call's DeepStack inputs are not in ``main_kwargs`` (a sequence rewriter took them: the adapter
+        adds them itself, on the main rows only)."""
+        if not side_inputs:
+            return {}
+        mask, deep = main_kwargs.get("visual_pos_masks"), main_kwargs.get("deepstack_visual_embeds")
+        side_mask, side_deep = side_inputs["visual_pos_masks"], side_inputs["deepstack_visual_embeds"]
+        if mask is None or deep is None or len(deep) != len(side_deep) or mask.shape != side_mask.shape:
+            return None
+        return {"visual_pos_masks": torch.cat([mask, side_mask.to(mask.device)], 0),
+                "deepstack_visual_embeds": [torch.cat([a, b.to(a.device, a.dtype)], 0) for a, b in zip(deep, side_deep)]}
+
     def format_prompt(self, processor, question: str, num_images: int = 1) -> str:
         content = [{"type": "image"}] * num_images + [{"type": "text", "text": question}]
         return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
