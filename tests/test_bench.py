@@ -330,27 +330,66 @@ def test_cpu_clock_counts_work_not_waiting():
 @pytest.mark.parametrize("arch", ["qwen3_vl", "llava_onevision", "internvl"])
 def test_bench_arch_builds_the_family_and_runs_one_round(tmp_path, fake_clock, arch):
     """``--arch`` with ``--shape tiny``: the family's small stand-in (same structure as the mid-size one), FasterVLM
-    and FastV rows against the same-run baseline with the family's FLOPs bound; no oracle rows (LLaVA only), and
-    asking for them is refused before building."""
+    and FastV rows against the same-run baseline with the family's FLOPs bound, each followed by its prefill oracle
+    row (the decode cells of an oracle stay empty); a decoding method has no oracle row there."""
     from typer.testing import CliRunner
 
     from vtoolkit.cli import app
 
     runner = CliRunner()
-    res = runner.invoke(app, ["bench", "--arch", arch, "--shape", "tiny", "--oracle"])
-    assert res.exit_code == 2 and "oracle rows are built for the LLaVA shapes only" in res.output
     res = runner.invoke(app, ["bench", "--arch", "qwen4_vl", "--shape", "tiny"])
     assert res.exit_code == 2 and "--arch must be one of qwen3_vl, llava_onevision, internvl" in res.output
     for method, extra in [("fastervlm", []), ("fastv", ["--set", "K=2"])]:
+        fake_clock["n"] = 0          # a round times an odd number of calls (the oracle's prefill only)
         out = tmp_path / f"{method}.json"
         res = runner.invoke(app, ["bench", "--arch", arch, "--shape", "tiny", "--method", method, "--keep-ratios",
                                   "0.25", *extra, "--decode-tokens", "1", "--repeats", "1", "--out", str(out)])
         assert res.exit_code == 0, res.output
         assert f"{method} on tiny {arch}" in res.output
         rows = json.loads(out.read_text())
-        assert [r["method"] for r in rows] == ["baseline", method]
-        base, r = rows
+        assert [r["method"] for r in rows] == ["baseline", method, "oracle"]
+        base, r, o = rows
+        assert o["oracle_of"] == 1 and o["prefill_s"] > 0 and o.get("decode_s") is None
         assert r["visual_tokens"] < base["visual_tokens"] == base["visual_tokens_before"]
         assert r["pruned_from_layer"] == (2 if method == "fastv" else 0)
         assert 0 < r["analytic_prefill_ratio"] < 1.0 == base["analytic_prefill_ratio"]
         assert r["prefill_ratio"] == r["prefill_s"] / base["prefill_s"]
+
+
+@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen3_vl", "llava_onevision", "internvl"])
+def test_family_oracles_run_what_the_method_ran(arch):
+    """The bench's family oracles (stock ``get_image_features``, stock scatter, the stock language model on the kept
+    rows at their policy's positions, Qwen3-VL's DeepStack at the kept visual rows only) give the method's own
+    prefill logits, for a pre-LLM pruner (FasterVLM) and a mid-stack one (FastV at K=1, before Qwen3-VL's last
+    DeepStack layer), and not the unpruned model's."""
+    import torch
+
+    import vtoolkit as vt
+    from vtoolkit.bench import oracle as O
+    from vtoolkit.bench.run import make_batch
+    from vtoolkit.models import tiny
+
+    model, proc = tiny.build(arch)
+    batch = make_batch(model, proc, 2)
+    with torch.no_grad():
+        base = model(**batch).logits[:, -1:]
+    for method, kw in [("fastervlm", dict(keep_ratio=0.25)), ("fastv", dict(K=1, keep_ratio=0.5))]:
+        assert O.has_oracle(model, method)
+        h = vt.apply_method(model, method, **kw)
+        try:
+            with torch.no_grad():
+                ref = model(**batch).logits[:, -1:]
+            stats = h.stats
+        finally:
+            h.remove()
+        keep = O.kept_positions(model, batch, stats)
+        with torch.no_grad():
+            if method == "fastervlm":
+                got = O.family_prefill(model, batch, keep, stats["positions"])
+            else:
+                x = O.family_inputs(model, batch)
+                got = O.midstack_forward(model, x["embeds"], stats["layer"], torch.stack(keep),
+                                         positions=x["positions"], visual=x["visual"], deepstack=x["deepstack"])
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
+        assert (got - base).abs().max() > 1e-3
+    assert not O.has_oracle(model, "vcd")

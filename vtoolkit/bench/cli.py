@@ -89,8 +89,9 @@ def bench(shape: str = typer.Option("midsize", help="midsize (CLIP-L/336 + 16x20
                                                  "machine other jobs load; use with --threads 1)"),
           threads: int = typer.Option(0, min=0, help="torch intra-op threads (0: torch's default)"),
           oracle: bool | None = typer.Option(None, "--oracle/--no-oracle", help="oracle row after each pruner / "
-                                                                                 "mitigation setting (default: on, "
-                                                                                 "except with --arch)"),
+                                                                                 "mitigation setting (default: on; "
+                                                                                 "--arch: prefill oracles of the "
+                                                                                 "pruners)"),
           arch: str = typer.Option("", help="qwen3_vl, llava_onevision or internvl: a mid-size random model of that "
                                             "family (the real vision tower's layers, a --llm-layers x --hidden LLM, "
                                             "reduced images; vtoolkit/bench/midsize.py) instead of LLaVA; with "
@@ -122,10 +123,7 @@ def bench(shape: str = typer.Option("midsize", help="midsize (CLIP-L/336 + 16x20
                           f"out)")
     if arch and shape == "llava7b":
         raise ConfigError("--arch builds that family at the midsize (or --shape tiny) size; --shape llava7b is LLaVA")
-    if arch and oracle:
-        raise ConfigError(f"--oracle: oracle rows are built for the LLaVA shapes only so far (vtoolkit/bench/"
-                          f"oracle.py); --arch {arch} runs without them (pass --no-oracle or leave it out)")
-    oracle = (not arch) if oracle is None else oracle
+    oracle = True if oracle is None else oracle
     if clock not in ("wall", "cpu"):
         raise ConfigError(f"--clock must be wall or cpu, got {clock!r}")
     if threads:
@@ -173,8 +171,8 @@ def bench(shape: str = typer.Option("midsize", help="midsize (CLIP-L/336 + 16x20
         else:
             model, proc = midsize.tiny_shape()
     console.log(f"built the {shape} {arch or 'llava'} model in {time.perf_counter() - t0:.1f} s")
-    if arch:
-        typer.echo(f"note: --arch {arch}: no oracle rows (built for the LLaVA shapes only so far)", err=True)
+    if arch and oracle:
+        typer.echo(f"note: --arch {arch}: oracle rows measure the prefill only (vtoolkit/bench/oracle.py)", err=True)
     rows = run_bench(model, proc, settings, batch_size=batch_size,
                      prompt_tokens=prompt_tokens or None, decode_tokens=decode_tokens, repeats=repeats,
                      max_repeats=max_repeats or 2 * repeats, oracles=oracle, spread_limit=spread_limit, clock=clock,

@@ -25,7 +25,13 @@ callable that :func:`vtoolkit.bench.run.run_bench` times exactly as it times the
   (the padded contrast rows cost as much as the main rows; DAMRO's own contrast prefill is short), a fair one for the
   decode steps (both streams, one batch).
 
-LLaVA (the bench shapes) only: other architectures raise ``NotImplementedError`` (the bench builds LLaVA models).
+The issue-19 families (``vtoolkit bench --arch qwen3_vl|llava_onevision|internvl``, and Qwen2-VL / Qwen2.5-VL) have
+prefill oracles for the pre-LLM and mid-stack pruners: the stock ``get_image_features`` of the model (the whole
+vision tower, the family's merger / pixel shuffle / packing with ``image_newline``), the stock placeholder scatter,
+then the stock language model over the kept rows -- M-RoPE models at the kept tokens' original 3-D positions (the
+positions policy the method's stats name), Qwen3-VL's DeepStack features added by the stock layers at the kept
+visual rows only -- and the LM head on the last position. No cache is kept (the decode cells stay empty).
+:func:`family_prefill` returns those logits, so a test checks that an oracle runs what its method ran.
 """
 from __future__ import annotations
 
@@ -36,13 +42,103 @@ ORACLE_METHODS = {"fastervlm": "pre_llm", "random": "pre_llm", "fastv": "midstac
 ORACLE_METHODS["dart"] = "midstack"   # like FastV: K full layers, then the kept rows at their original positions
 
 
-def _adapter(model):
+def _any_adapter(model):
     import vtoolkit as vt
 
-    a = vt.models.get_adapter(model)
-    if a.family != "llava" or not a.has_cls:
-        raise NotImplementedError(f"bench oracles are built for LLaVA-1.5 models, not {a.family!r}")
+    return vt.models.get_adapter(model)
+
+
+def _is_llava15(a) -> bool:
+    return a.family == "llava" and a.has_cls
+
+
+def _adapter(model):
+    a = _any_adapter(model)
+    if not _is_llava15(a):
+        raise NotImplementedError(f"this oracle is built for LLaVA-1.5 models, not {a.family!r}")
     return a
+
+
+# the oracle kinds with a prefill oracle on the other families (`family_inputs`)
+FAMILY_ORACLE_KINDS = ("pre_llm", "midstack")
+
+
+def has_oracle(model, method: str) -> bool:
+    """Whether :func:`build` has an oracle of ``method`` (a registry name) on ``model``'s architecture."""
+    kind = ORACLE_METHODS.get(method)
+    return kind is not None and (_is_llava15(_any_adapter(model)) or kind in FAMILY_ORACLE_KINDS)
+
+
+def family_inputs(model, batch) -> dict:
+    """The language model's inputs as the stock model builds them, without running it: ``embeds [B, L, D]`` (token
+    embeddings with the stock ``get_image_features`` output scattered into the image-token slots), ``positions``
+    (``[3, B, L]`` M-RoPE from the stock ``get_rope_index``, or ``[B, L]``), ``visual [B, L]`` (image-token slots) and
+    ``deepstack`` (Qwen3-VL: one ``[visual tokens, D]`` tensor per DeepStack layer, rows in ``visual``'s order)."""
+    a = _any_adapter(model)
+    ids = batch["input_ids"]
+    mask = batch.get("attention_mask")
+    emb = model.get_input_embeddings()(ids)
+    kw = {k: batch[k] for k in ("image_grid_thw", "image_sizes", "batch_num_images") if batch.get(k) is not None}
+    out = a.core.get_image_features(pixel_values=batch["pixel_values"], return_dict=True, **kw)
+    feats = out.pooler_output
+    feats = torch.cat(list(feats)) if isinstance(feats, (list, tuple)) else feats
+    visual = ids == a.image_token_id
+    emb = emb.masked_scatter(visual[..., None].expand_as(emb), feats.reshape(-1, emb.shape[-1]).to(emb.dtype))
+    ds = getattr(out, "deepstack_features", None)
+    if ds is not None:
+        ds = [torch.cat(list(d)) if isinstance(d, (list, tuple)) else d for d in ds]
+    if a.position_kind == "mrope":
+        positions = a.rope_index(batch, attention_mask=mask)[0]
+    elif mask is not None:
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    else:
+        positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+    return {"embeds": emb, "positions": positions, "visual": visual, "deepstack": ds or None}
+
+
+def _gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``x [B, L, ...]`` at ``idx [B, K]``: ``[B, K, ...]``."""
+    return torch.gather(x, 1, idx.view(*idx.shape, *([1] * (x.dim() - 2))).expand(*idx.shape, *x.shape[2:]))
+
+
+def _gather_positions(pos: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Positions ``[B, L]`` or ``[3, B, L]`` at ``idx [B, K]``."""
+    if pos.dim() == 3:
+        return torch.gather(pos, 2, idx[None].expand(pos.shape[0], -1, -1))
+    return torch.gather(pos, 1, idx)
+
+
+def family_prefill(model, batch, keep: list[torch.Tensor], policy: str = "original") -> torch.Tensor:
+    """``[B, 1, V]`` last-position logits of the stock language model run on the rows ``keep`` (per sample, sorted
+    sequence positions) of :func:`family_inputs`; rows of unequal length are left-padded. ``policy``: ``"original"``
+    (the kept tokens' own positions) or ``"contiguous"`` (renumbered 0..K-1; 1-D RoPE models only)."""
+    a = _any_adapter(model)
+    x = family_inputs(model, batch)
+    K = max(int(k.numel()) for k in keep)
+    B = len(keep)
+    dev = x["embeds"].device
+    idx = torch.zeros(B, K, dtype=torch.long, device=dev)
+    m = torch.zeros(B, K, dtype=torch.long, device=dev)
+    for b, k in enumerate(keep):
+        idx[b, K - k.numel():] = k.to(dev)
+        m[b, K - k.numel():] = 1
+    e = _gather_rows(x["embeds"], idx) * m[..., None].to(x["embeds"].dtype)
+    if policy == "contiguous":
+        if a.position_kind == "mrope":
+            raise NotImplementedError("the family oracle renumbers 1-D RoPE positions only (M-RoPE: 'original')")
+        pos = (m.cumsum(-1) - 1).clamp(min=0)
+    elif policy == "original":
+        pos = _gather_positions(x["positions"], idx)
+    else:
+        raise ValueError(f"positions policy must be 'original' or 'contiguous', got {policy!r}")
+    extra = {}
+    if x["deepstack"] is not None:
+        rank = (x["visual"].flatten().long().cumsum(0) - 1).view_as(x["visual"])
+        vis = torch.gather(x["visual"], 1, idx) & m.bool()
+        rows = torch.gather(rank, 1, idx)[vis]
+        extra = {"visual_pos_masks": vis, "deepstack_visual_embeds": [d[rows] for d in x["deepstack"]]}
+    out = a.language_model(inputs_embeds=e, attention_mask=m, position_ids=pos, use_cache=False, **extra)
+    return a.lm_head(out.last_hidden_state[:, -1:])
 
 
 def image_features(model, pixel_values, vision_layers_run: int | None = None) -> torch.Tensor:
@@ -78,19 +174,19 @@ def kept_positions(model, batch, stats) -> list[torch.Tensor]:
     """Per sample, the sorted sequence positions a pruner kept: every non-pad text token and the visual tokens at
     ``stats["kept_indices"]`` (per sample, per image: indices within that image's visual tokens); a method that
     removes every visual token reports no ``kept_indices`` but ``visual_tokens_after == 0`` (DyVTE)."""
-    a = _adapter(model)
+    a = _any_adapter(model)
     ids = batch["input_ids"]
     mask = batch.get("attention_mask")
     vis = ids == a.image_token_id
     nonpad = mask.bool() if mask is not None else torch.ones_like(vis)
+    spans = a.image_spans(batch)
     out = []
     for b in range(ids.shape[0]):
         keep = nonpad[b] & ~vis[b]
-        vpos = vis[b].nonzero().flatten()
         if stats.get("kept_indices") is not None:
-            idx = torch.cat([torch.as_tensor(i, dtype=torch.long) for i in stats["kept_indices"][b]] or
-                            [torch.zeros(0, dtype=torch.long)])
-            keep[vpos[idx.to(vpos.device)]] = True
+            for span, idx in zip(spans[b], stats["kept_indices"][b]):   # indices within each image's tokens
+                pos = span.positions.to(keep.device)
+                keep[pos[torch.as_tensor(idx, dtype=torch.long, device=keep.device)]] = True
         elif (stats.get("visual_tokens_after") or [None] * (b + 1))[b] != 0:
             raise ValueError("the method's stats name no kept_indices and do not say that every visual token went")
         out.append(keep.nonzero().flatten())
@@ -120,6 +216,9 @@ def build(model, batch, method: str, stats: dict) -> tuple:
     if kind is None:
         raise ValueError(f"no oracle for {method!r} (oracles: {', '.join(ORACLE_METHODS)})")
     run = stats.get("vision_layers_run")
+    a = _any_adapter(model)
+    if not _is_llava15(a):
+        return _build_family(model, batch, method, kind, stats)
     if kind == "pre_llm":
         keep = kept_positions(model, batch, stats)
 
@@ -185,21 +284,73 @@ def build(model, batch, method: str, stats: dict) -> tuple:
     return gen, True
 
 
-def midstack_forward(model, embeds, layer: int, keep_idx) -> torch.Tensor:
+def _build_family(model, batch, method: str, kind: str, stats: dict) -> tuple:
+    """Prefill oracles on the issue-19 families (the module docstring)."""
+    a = _any_adapter(model)
+    if kind not in FAMILY_ORACLE_KINDS:
+        raise NotImplementedError(f"no {method} oracle on {a.family!r} models yet (there: "
+                                  f"{', '.join(m for m, k in ORACLE_METHODS.items() if k in FAMILY_ORACLE_KINDS)})")
+    keep = kept_positions(model, batch, stats)
+    if kind == "pre_llm":
+        policy = stats.get("positions") or ("original" if a.position_kind == "mrope" else "contiguous")
+
+        def gen(n):
+            if n != 1:
+                raise ValueError(f"the {a.family} oracle measures the prefill only")
+            with torch.inference_mode():
+                family_prefill(model, batch, keep, policy)
+
+        return gen, False
+    if len({k.numel() for k in keep}) != 1 or (batch.get("attention_mask") is not None
+                                               and not bool(batch["attention_mask"].bool().all())):
+        raise NotImplementedError("the mid-stack oracle runs unpadded batches whose rows keep equally many tokens")
+    layer = int(stats.get("layer") or 0)
+    if layer < 1:
+        raise ValueError("the method's stats name no removal layer (stats['layer'])")
+    keep_idx = torch.stack(keep)
+
+    def gen(n):
+        if n != 1:
+            raise ValueError("the mid-stack oracle measures the prefill only")
+        with torch.inference_mode():
+            x = family_inputs(model, batch)
+            midstack_forward(model, x["embeds"], layer, keep_idx, positions=x["positions"], visual=x["visual"],
+                             deepstack=x["deepstack"])
+
+    return gen, False
+
+
+def midstack_forward(model, embeds, layer: int, keep_idx, positions=None, visual=None, deepstack=None) -> torch.Tensor:
     """Logits of the last position: stock decoder layers ``0..layer-1`` over the full ``embeds`` and ``layer..`` over
-    the rows ``keep_idx [B, K]`` (original RoPE positions), causal (unpadded rows), final norm, LM head."""
-    a = _adapter(model)
+    the rows ``keep_idx [B, K]`` (original RoPE positions), causal (unpadded rows), final norm, LM head.
+    ``positions``: the input's positions (default ``0..L-1``; ``[3, B, L]`` M-RoPE); ``visual`` / ``deepstack``
+    (Qwen3-VL): DeepStack feature ``i`` added after layer ``i`` at the visual rows still present, as HF adds it."""
+    a = _any_adapter(model)
     B, L, _ = embeds.shape
-    pos = torch.arange(L, device=embeds.device).expand(B, L)
+    pos = torch.arange(L, device=embeds.device).expand(B, L) if positions is None else positions
     cos, sin = a.rotary(embeds, pos)
+    seq_dim = cos.dim() - 2          # [B, L, D] or [3, B, L, D] (Qwen2-VL's sectioned M-RoPE)
+    src = torch.arange(L, device=embeds.device).expand(B, L)
+    if deepstack is not None:
+        rank = (visual.flatten().long().cumsum(0) - 1).view_as(visual)
+
+    def take(t, idx):
+        t = t.expand(*t.shape[:seq_dim - 1], B, *t.shape[seq_dim:])
+        return torch.gather(t, seq_dim, idx.view(*([1] * (seq_dim - 1)), *idx.shape, 1).expand(
+            *t.shape[:seq_dim - 1], *idx.shape, t.shape[-1]))
+
     h = embeds
     for i, dec in enumerate(a.decoder_layers):
         if i == layer:
             idx = keep_idx.to(h.device)
             h = torch.gather(h, 1, idx[..., None].expand(-1, -1, h.shape[-1]))
-            cos = torch.gather(cos.expand(B, -1, -1), 1, idx[..., None].expand(-1, -1, cos.shape[-1]))
-            sin = torch.gather(sin.expand(B, -1, -1), 1, idx[..., None].expand(-1, -1, sin.shape[-1]))
-            pos = torch.gather(pos, 1, idx)
+            cos, sin = take(cos, idx), take(sin, idx)
+            pos = _gather_positions(pos, idx)
+            src = torch.gather(src, 1, idx)
         h = dec(h, attention_mask=None, position_ids=pos, position_embeddings=(cos, sin))
+        if deepstack is not None and i < len(deepstack):
+            vis = torch.gather(visual, 1, src)
+            h = h.clone()
+            h[vis] = h[vis] + deepstack[i][torch.gather(rank, 1, src)[vis]].to(h.dtype)
     h = a.language_model.norm(h[:, -1:])
     return a.lm_head(h)

@@ -168,7 +168,7 @@ def run_bench(model, processor, methods, batch_size: int = 1, prompt_tokens: int
     specs: list[tuple] = [("baseline", {}, "method")]
     for name, overrides in methods:
         specs.append((name, dict(overrides), "method"))
-        if oracles and vt.registry.get_method(name).name in O.ORACLE_METHODS:
+        if oracles and O.has_oracle(model, vt.registry.get_method(name).name):
             specs.append(("oracle", {}, ("oracle", len(specs) - 1)))
     lats = [{"prefill_runs": [], "decode_runs": [], "generate_runs": []} for _ in specs]
     first: list[tuple] = []
