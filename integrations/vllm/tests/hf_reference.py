@@ -2,7 +2,7 @@
 
     python integrations/vllm/tests/hf_reference.py OUT
 
-Writes once, for LLaVA and Qwen2-VL, a tiny random model with head_dim 32 (vLLM's CPU attention needs >= 32:
+Writes once, for LLaVA, Qwen2-VL and Qwen2.5-VL, a tiny random model with head_dim 32 (vLLM's CPU attention needs >= 32:
 ``TinySpec(text_heads=2)``) with ``save_pretrained`` in the layout vLLM loads (CLIP keys under
 ``vision_tower.vision_model``; Qwen2-VL's processor with its video processor), three test images, and
 ``expected.json``: for each method, the prompt, the kept indices (``h.stats["kept_indices"]``), the first greedy
@@ -22,7 +22,7 @@ import vtoolkit_core
 from vtoolkit.models import tiny
 from vtoolkit.models.base import get_adapter
 
-ARCHS = ("llava", "qwen2_vl")
+ARCHS = ("llava", "qwen2_vl", "qwen2_5_vl")
 METHODS = {"fastervlm": {"keep_tokens": 8}, "random": {"keep_tokens": 8, "seed": 3}, "none": {}}
 # sizes both processors map exactly (LLaVA: shortest edge already 112, centre crop; Qwen2-VL: multiples of 28):
 # a fractional resize makes pixels that differ in the last bits between transformers releases (vLLM's 5.19,
@@ -46,7 +46,7 @@ def save(arch: str, out: Path):
     model, proc = tiny.build(arch, spec=SPEC)
     d = out / arch
     model.save_pretrained(d)
-    if arch == "llava":
+    if arch in ("llava", "llava_next"):
         from safetensors.torch import load_file, save_file
 
         f = d / "model.safetensors"
@@ -101,7 +101,7 @@ def main(out: Path):
                     (kept,) = h.stats.get("kept_indices", [[torch.arange(n_img)]])[0]
                     before = h.stats.get("visual_tokens_before", [n_img])[0]
                 grab.remove()
-                mrope = seen[0][-3:, 0].tolist() if arch == "qwen2_vl" else None   # prefill positions the LLM saw
+                mrope = seen[0][-3:, 0].tolist() if arch.startswith("qwen") else None   # prefill positions the LLM saw
                 rows.append({"mrope": mrope, "image": str(p), "image_id": vtoolkit_core.image_seed(adapter.image_pixels(inputs, 0), 0),
                              "prompt": prompt, "kept": kept.tolist(), "before": int(before),
                              "tokens": gen[0, inputs["input_ids"].shape[1]:].tolist(),
@@ -109,7 +109,7 @@ def main(out: Path):
                              "prompt_len": int(inputs["input_ids"].shape[1]) - int(before) + len(kept)})
             expected[arch][method] = {"options": opts, "rows": rows}
     # a family the plugin does not serve (saved only: the bad-configuration test loads it with a vtoolkit entry)
-    save("qwen2_5_vl", out)
+    save("llava_next", out)
     (out / "expected.json").write_text(json.dumps(expected, indent=1))
     print("wrote", out / "expected.json")
 

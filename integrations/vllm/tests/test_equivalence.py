@@ -1,7 +1,7 @@
 """vLLM side of the equivalence test (runs in the vLLM environment).
 
 ``VTOOLKIT_VLLM_FIXTURES=DIR`` (written by ``hf_reference.py`` in vtoolkit's environment; conftest.py writes it
-when it is not given): for LLaVA and Qwen2-VL and each served method, a batch of 3 requests with different images
+when it is not given): for LLaVA, Qwen2-VL and Qwen2.5-VL and each served method, a batch of 3 requests with different images
 through ``LLM.generate`` with ``hf_overrides={"vtoolkit": ...}`` keeps the same tokens (the plugin's trace) and
 generates the same first greedy tokens as vtoolkit's HF path; the prompt is pruned to the same length. ``none``:
 the same models without a ``vtoolkit`` entry are stock vLLM and equal HF's unpruned run.
@@ -18,14 +18,14 @@ from conftest import make_llm
 TIE = 1e-2   # logit margin below which two engines' float round-off may pick either token
 
 
-@pytest.mark.parametrize("arch", ["llava", "qwen2_vl"])
+@pytest.mark.parametrize("arch", ["llava", "qwen2_vl", "qwen2_5_vl"])
 @pytest.mark.parametrize("method", ["fastervlm", "random", "none"])
 def test_vllm_plugin_equals_hf_path(fixtures, trace_file, arch, method):
     from vllm import SamplingParams
 
     exp = json.loads((fixtures / "expected.json").read_text())[arch][method]
     # random seeds from the processor's normalised pixels: Qwen2-VL's in-model normalisation must be off
-    kw = {"mm_device_do_normalize": False} if (arch, method) == ("qwen2_vl", "random") else {}
+    kw = {"mm_device_do_normalize": False} if arch.startswith("qwen") and method == "random" else {}
     llm = make_llm(fixtures / arch, None if method == "none" else {"method": method, **exp["options"]}, **kw)
     rows = exp["rows"]
     images = [Image.open(r["image"]).convert("RGB") for r in rows]
@@ -35,7 +35,7 @@ def test_vllm_plugin_equals_hf_path(fixtures, trace_file, arch, method):
     lines = [json.loads(line) for line in trace_file.read_text().splitlines()]
     traced = [t for t in lines if "kept" in t]
     mrope = {len(t["mrope"][0]): t["mrope"] for t in lines if "mrope" in t}    # last repair per prompt length
-    if arch == "qwen2_vl" and method != "none":
+    if arch.startswith("qwen") and method != "none":
         # the M-RoPE positions the LLM gets: each kept token keeps its unpruned (t, h, w), text after the image
         # continues after the whole image, exactly as vtoolkit's HF path (``positions="original"``)
         for r in rows:
@@ -60,7 +60,7 @@ def test_vllm_plugin_equals_hf_path(fixtures, trace_file, arch, method):
         if r["image_id"] in by_image:
             got = by_image[r["image_id"]]
         else:
-            assert (arch, method) == ("qwen2_vl", "fastervlm"), f"{r['image']}: vLLM's pixels differ from HF's"
+            assert arch.startswith("qwen") and method == "fastervlm", f"{r['image']}: vLLM's pixels differ from HF's"
             (got,) = [t for t in traced if t["before"] == r["before"]]
         assert got["kept"] == r["kept"], (r["image"], got["kept"], r["kept"])
         assert got["before"] == r["before"]

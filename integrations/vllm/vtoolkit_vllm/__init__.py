@@ -9,7 +9,8 @@ carries a ``vtoolkit`` entry, given without code:
 
 Without that entry every class behaves exactly as vLLM's. The selection rules come from ``vtoolkit_core`` (the
 same code vtoolkit's Hugging Face path runs). Served: ``fastervlm`` and ``random`` on LLaVA-1.5
-(``LlavaForConditionalGeneration`` with a CLIP tower) and Qwen2-VL (``Qwen2VLForConditionalGeneration``). Other
+(``LlavaForConditionalGeneration`` with a CLIP tower), Qwen2-VL (``Qwen2VLForConditionalGeneration``) and
+Qwen2.5-VL (``Qwen2_5_VLForConditionalGeneration``, scores un-permuted from its ViT's window order). Other
 multimodal families listed in ``UNSERVED`` raise at engine start when given a ``vtoolkit`` entry.
 """
 from __future__ import annotations
@@ -17,10 +18,11 @@ from __future__ import annotations
 SERVED = {
     "LlavaForConditionalGeneration": "vtoolkit_vllm.llava:VtoolkitLlava",
     "Qwen2VLForConditionalGeneration": "vtoolkit_vllm.qwen2_vl:VtoolkitQwen2VL",
+    "Qwen2_5_VLForConditionalGeneration": "vtoolkit_vllm.qwen2_vl:VtoolkitQwen2_5VL",
 }
 # families this plugin does not prune: a vtoolkit entry on them is an error at engine start, not a silent no-op
 UNSERVED = ("LlavaNextForConditionalGeneration", "LlavaOnevisionForConditionalGeneration",
-            "Qwen2_5_VLForConditionalGeneration", "Qwen3VLForConditionalGeneration")
+            "Qwen3VLForConditionalGeneration")
 
 
 def register() -> None:

@@ -1,9 +1,14 @@
-"""Qwen2-VL with pre-LLM pruning; kept tokens keep their original M-RoPE positions (vtoolkit's Qwen policy).
+"""Qwen2-VL and Qwen2.5-VL with pre-LLM pruning; kept tokens keep their original M-RoPE positions (vtoolkit's Qwen
+policy). One set of mixins (placeholder budget, scores, positions) over vLLM's classes of both families.
 
 - Placeholders: ``T = budget(N)`` per image (``N = t * h * w / merge^2``) in the processor's prompt update and in
   ``get_num_image_tokens`` (the encoder budget), before the model runs.
-- Scores (fastervlm): a forward pre-hook on the last ViT block's attention kernel sees the post-RoPE q/k and the
-  per-image ``cu_seqlens``; ``vtoolkit_core.received_attention`` per image, ``merge_mean`` over the 2x2 merge.
+- Scores (fastervlm): a forward pre-hook on the attention kernel of the last full-attention ViT block (Qwen2-VL: the
+  last block; Qwen2.5-VL: ``fullatt_block_indexes[-1]``) sees the post-RoPE q/k and the per-image ``cu_seqlens``;
+  ``vtoolkit_core.received_attention`` per image, ``merge_mean`` over the 2x2 merge. Qwen2.5-VL's ViT runs in
+  window order (merge units permuted by ``window_index``, which the encoder's metadata holds): the scores are put
+  back in raster order (``scores[window_index] = scores_in_window_order``) before the top-T, as vtoolkit's HF
+  adapter does, so the kept indices are raster indices of the merged tokens in both engines.
 - M-RoPE positions: ``get_mrope_input_positions`` (called when the request is added, before the encoder) gives
   text its unpruned positions (text after an image starts at the image's start + max(t, h, w), as if the image
   were whole) and every placeholder the image's start position. The model sets ``supports_multimodal_pruning``, so
@@ -22,6 +27,12 @@ from __future__ import annotations
 from functools import partial
 
 import torch
+from vllm.model_executor.models.qwen2_5_vl import (
+    Qwen2_5_VLDummyInputsBuilder,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLMultiModalProcessor,
+    Qwen2_5_VLProcessingInfo,
+)
 from vllm.model_executor.models.qwen2_vl import (
     Qwen2VLDummyInputsBuilder,
     Qwen2VLForConditionalGeneration,
@@ -37,7 +48,9 @@ from vtoolkit_vllm import config, trace
 POS = 3   # extra channels of the encoder output: (t, h, w) of each kept token within its image
 
 
-class VtoolkitQwen2VLInfo(Qwen2VLProcessingInfo):
+class _BudgetInfo:
+    """Processing-info mixin: ``T = budget(N)`` image tokens per image (the encoder budget vLLM plans with)."""
+
     def get_num_image_tokens(self, *, image_width, image_height, image_processor, mm_kwargs) -> int:
         n = super().get_num_image_tokens(image_width=image_width, image_height=image_height,
                                          image_processor=image_processor, mm_kwargs=mm_kwargs)
@@ -45,7 +58,9 @@ class VtoolkitQwen2VLInfo(Qwen2VLProcessingInfo):
         return n if spec is None else spec.budget(n, f"a {image_width}x{image_height} image")
 
 
-class VtoolkitQwen2VLProcessor(Qwen2VLMultiModalProcessor):
+class _BudgetProcessor:
+    """Multimodal-processor mixin: ``T = budget(N)`` placeholders per image in the prompt update."""
+
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
         updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
         spec = config.spec_from(self.info.get_hf_config())
@@ -63,9 +78,11 @@ class VtoolkitQwen2VLProcessor(Qwen2VLMultiModalProcessor):
                 if u.modality == "image" else u for u in updates]
 
 
-@MULTIMODAL_REGISTRY.register_processor(VtoolkitQwen2VLProcessor, info=VtoolkitQwen2VLInfo,
-                                        dummy_inputs=Qwen2VLDummyInputsBuilder)
-class VtoolkitQwen2VL(Qwen2VLForConditionalGeneration):
+class _QwenPruning:
+    """Model mixin (before vLLM's Qwen2-VL / Qwen2.5-VL class in the bases): scores, kept rows, positions."""
+
+    _family = "Qwen2-VL"
+
     supports_multimodal_pruning = True      # per instance below: False without a vtoolkit entry
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
@@ -76,7 +93,7 @@ class VtoolkitQwen2VL(Qwen2VLForConditionalGeneration):
                 raise ValueError("vtoolkit pruning with tensor_parallel_size > 1 is not supported: each rank holds "
                                  "a share of the ViT heads, so its attention scores would differ per rank")
             if mm.get_limit_per_prompt("video") != 0:
-                raise ValueError("vtoolkit pruning on Qwen2-VL serves images only: pass "
+                raise ValueError(f"vtoolkit pruning on {self._family} serves images only: pass "
                                  "limit_mm_per_prompt={'image': N, 'video': 0}")
             if mm.is_multimodal_pruning_enabled():
                 raise ValueError("vtoolkit pruning and video_pruning_rate cannot be combined")
@@ -89,9 +106,10 @@ class VtoolkitQwen2VL(Qwen2VLForConditionalGeneration):
         self.supports_multimodal_pruning = spec is not None
         self.vtoolkit_mrope_pruning = spec is not None     # read by the runner patch in vtoolkit_vllm.runner
         self._chunks: list[torch.Tensor] = []
-        if spec is not None:
-            if spec.method == "fastervlm":
-                self.visual.blocks[-1].attn.attn.register_forward_pre_hook(self._received, with_kwargs=True)
+        if spec is not None and spec.method == "fastervlm":
+            full = getattr(self.visual, "fullatt_block_indexes", None)      # Qwen2.5-VL: windowed blocks between
+            block = self.visual.blocks[list(full)[-1] if full else -1]
+            block.attn.attn.register_forward_pre_hook(self._received, with_kwargs=True)
 
     # -- scores -----------------------------------------------------------------------------------------------
     def _received(self, module, args, kwargs):
@@ -111,12 +129,19 @@ class VtoolkitQwen2VL(Qwen2VLForConditionalGeneration):
         grid_thw = image_input["image_grid_thw"]
         pixel_values = image_input["pixel_values"]
         self._chunks = []
-        embeds = self.visual(pixel_values, grid_thw=grid_thw)
+        embeds, window_index = self._encode(pixel_values, grid_thw)
         merge = self.visual.spatial_merge_size
         patches = grid_thw.prod(-1).tolist()
         sizes = [p // merge // merge for p in patches]
         if spec.method == "fastervlm" and len(self._chunks) != len(sizes):
             raise RuntimeError(f"vtoolkit fastervlm: {len(self._chunks)} attention scores for {len(sizes)} images")
+        if spec.method == "fastervlm":
+            merged = [vtoolkit_core.merge_mean(c, merge * merge) for c in self._chunks]
+            if window_index is not None:       # window order -> raster order (merge units of all images)
+                flat = torch.cat(merged)
+                raster = torch.empty_like(flat)
+                raster[window_index.to(flat.device)] = flat
+                merged = list(raster.split(sizes))
         out, start = [], 0
         for i, (emb, n) in enumerate(zip(embeds.split(sizes), sizes)):
             pixels = pixel_values[start:start + patches[i]]
@@ -124,7 +149,7 @@ class VtoolkitQwen2VL(Qwen2VLForConditionalGeneration):
             if spec.method == "random":
                 s = vtoolkit_core.random_scores([n], vtoolkit_core.image_seed(pixels, spec.seed))[0]
             else:
-                s = vtoolkit_core.merge_mean(self._chunks[i], merge * merge)
+                s = merged[i]
             kept = vtoolkit_core.top_k_raster(s.to(emb.device), spec.budget(n, f"image {i}"))
             trace.record(pixels, kept.tolist(), n)
             t, h, w = grid_thw[i].tolist()
@@ -134,6 +159,16 @@ class VtoolkitQwen2VL(Qwen2VLForConditionalGeneration):
         self._chunks = []
         return tuple(out)
 
+    def _encode(self, pixel_values, grid_thw):
+        """``(embeds in raster order, window_index or None)``: Qwen2.5-VL's encoder metadata is built here (as its
+        forward would build it) so that the window permutation its blocks ran in is known."""
+        prepare = getattr(self.visual, "prepare_encoder_metadata", None)
+        if prepare is None or not getattr(self.visual, "fullatt_block_indexes", None):
+            return self.visual(pixel_values, grid_thw=grid_thw), None
+        thw = grid_thw.tolist()
+        meta = prepare(thw)
+        return self.visual(pixel_values, grid_thw=thw, encoder_metadata=meta), meta["window_index"]
+
     # -- M-RoPE positions -------------------------------------------------------------------------------------
     def get_mrope_input_positions(self, input_tokens, mm_features):
         if self._vtk is None:
@@ -142,7 +177,7 @@ class VtoolkitQwen2VL(Qwen2VLForConditionalGeneration):
         pieces, st, nxt = [], 0, 0      # nxt: the next free position
         for f in sorted(mm_features, key=lambda f: f.mm_position.offset):
             if f.modality != "image":
-                raise ValueError("vtoolkit pruning on Qwen2-VL serves images only")
+                raise ValueError(f"vtoolkit pruning on {self._family} serves images only")
             offset, length = f.mm_position.offset, f.mm_position.length
             t, h, w = f.data["image_grid_thw"].data.tolist()
             text = offset - st
@@ -177,3 +212,32 @@ class VtoolkitQwen2VL(Qwen2VLForConditionalGeneration):
         if multimodal_embeddings:
             trace.record_positions(pos, delta)
         return stripped, pos, delta
+
+
+class VtoolkitQwen2VLInfo(_BudgetInfo, Qwen2VLProcessingInfo):
+    pass
+
+
+class VtoolkitQwen2VLProcessor(_BudgetProcessor, Qwen2VLMultiModalProcessor):
+    pass
+
+
+@MULTIMODAL_REGISTRY.register_processor(VtoolkitQwen2VLProcessor, info=VtoolkitQwen2VLInfo,
+                                        dummy_inputs=Qwen2VLDummyInputsBuilder)
+class VtoolkitQwen2VL(_QwenPruning, Qwen2VLForConditionalGeneration):
+    supports_multimodal_pruning = True      # per instance in __init__: False without a vtoolkit entry
+
+
+class VtoolkitQwen2_5VLInfo(_BudgetInfo, Qwen2_5_VLProcessingInfo):
+    pass
+
+
+class VtoolkitQwen2_5VLProcessor(_BudgetProcessor, Qwen2_5_VLMultiModalProcessor):
+    pass
+
+
+@MULTIMODAL_REGISTRY.register_processor(VtoolkitQwen2_5VLProcessor, info=VtoolkitQwen2_5VLInfo,
+                                        dummy_inputs=Qwen2_5_VLDummyInputsBuilder)
+class VtoolkitQwen2_5VL(_QwenPruning, Qwen2_5_VLForConditionalGeneration):
+    supports_multimodal_pruning = True
+    _family = "Qwen2.5-VL"

@@ -9,7 +9,6 @@ from vtoolkit_vllm import UNSERVED, config
 _MODULES = {
     "LlavaNextForConditionalGeneration": "llava_next",
     "LlavaOnevisionForConditionalGeneration": "llava_onevision",
-    "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl",
     "Qwen3VLForConditionalGeneration": "qwen3_vl",
 }
 
@@ -20,7 +19,8 @@ def _guarded(arch: str):
     def __init__(self, *, vllm_config, prefix: str = ""):
         if getattr(vllm_config.model_config.hf_config, config.KEY, None) is not None:
             raise ValueError(f"the vtoolkit vLLM plugin does not serve {arch}: it prunes LLaVA-1.5 "
-                             f"(LlavaForConditionalGeneration) and Qwen2-VL (Qwen2VLForConditionalGeneration); "
+                             f"(LlavaForConditionalGeneration), Qwen2-VL (Qwen2VLForConditionalGeneration) and Qwen2.5-VL "
+                             f"(Qwen2_5_VLForConditionalGeneration); "
                              f"remove hf_overrides['{config.KEY}'] to run this model unpruned")
         base.__init__(self, vllm_config=vllm_config, prefix=prefix)
 
