@@ -94,6 +94,7 @@ class CallContext:
         self.step_input_ids = None   # input_ids of the current forward (a decode step: the tokens chosen last step)
         self.new_call = False     # this prefill starts a call (False for generate(use_cache=False)'s later steps)
         self.layout = Layout()
+        self.llm_input_embeds = None   # the prefill's inputs_embeds while a sequence pruner selects (hooks/sequence.py)
         self._labels = None       # labels held back from HF's loss (see module docstring)
         self._cache_ref = None    # the cache this call's forwards built, and its length after the last forward
         self._cache_len = 0

@@ -86,7 +86,9 @@ def is_identity(keep_idx: torch.Tensor, length: int) -> bool:
 
 class SequencePruner:
     """Installs the language-model pre-hook. ``select(ctx) -> list[Tensor]``: per sample, sorted sequence
-    positions of the *visual* tokens to keep (or ``None`` to keep that sample's visual tokens)."""
+    positions of the *visual* tokens to keep (or ``None`` to keep that sample's visual tokens). While ``select`` runs,
+    ``ctx.llm_input_embeds`` holds the prefill's ``inputs_embeds`` ``[B, L, D]`` (the projected visual rows as the LLM
+    would see them, unpruned); it is ``None`` otherwise."""
 
     def __init__(self, adapter, ctx, select: Callable, positions: str, owner: str = "pruning"):
         if positions not in POLICIES:
@@ -149,7 +151,11 @@ class SequencePruner:
         vis = ids == self.adapter.image_token_id
         if not bool(vis.any()):
             return None
-        keep_visual = self.select(self.ctx)
+        self.ctx.llm_input_embeds = emb   # what the LLM would see: feature-based pruners (DivPrune) read it
+        try:
+            keep_visual = self.select(self.ctx)
+        finally:
+            self.ctx.llm_input_embeds = None
         B, L = ids.shape
         mask = kwargs.get("attention_mask")
         mask2d = mask if (mask is not None and mask.dim() == 2) else None
